@@ -1,0 +1,174 @@
+"""Mamba-2 state-space duality (SSD) scan in plain JAX: the specification of every SSD kernel.
+
+Legend: b batch, t time, h heads, p head dim, n state, g groups, r heads per group (h = g·r),
+c chunks, l / s positions inside a chunk (query / source).
+
+Per head, with state `S ∈ R^{p×n}` and inputs already discretised by the caller's `dt`:
+
+    S_t = exp(dt_t·A) · S_{t−1} + dt_t · x_t ⊗ B_t
+    y_t = S_t · C_t + D · x_t
+
+Head `h` reads B and C of group `h // r` (consecutive heads share a group).
+
+`ssd_naive` runs that recurrence with a `lax.scan` over time in fp32: slow, obviously right, the
+oracle. `ssd_chunked` is the chunked algorithm (SPEC section 2): within a chunk of Q steps the
+output is a masked "attention" `(C_l·B_s) exp(Σ_{s<k≤l} a_k) X_s`; chunk-end states are passed
+between chunks by an associative scan; each chunk adds the contribution of the state it starts
+from. Both take any sequence length; `ssd_chunked` pads to a multiple of Q with steps that have
+dt = 0 (no decay, no input), so the final state is exact.
+
+Shapes: x [b, t, h, p]; dt [b, t, h] (positive, after softplus); A [h] (negative);
+B, C [b, t, g, n]; D [h] or None; initial_state [b, h, p, n] or None.
+Returns y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def _check_shapes(x, dt, A, B, C, D, initial_state):
+  if x.ndim != 4:
+    raise ValueError(f"ssd: x must be [batch, time, heads, head_dim], got shape {x.shape}")
+  b, t, h, p = x.shape
+  if dt.shape != (b, t, h):
+    raise ValueError(f"ssd: dt must be {(b, t, h)} to match x {x.shape}, got {dt.shape}")
+  if A.shape != (h,):
+    raise ValueError(f"ssd: A must be ({h},), got {A.shape}")
+  if B.ndim != 4 or B.shape[:2] != (b, t) or B.shape != C.shape:
+    raise ValueError(f"ssd: B and C must be [batch, time, groups, state] matching x {x.shape}, "
+                     f"got B {B.shape}, C {C.shape}")
+  g, n = B.shape[2:]
+  if h % g:
+    raise ValueError(f"ssd: heads ({h}) must be a multiple of groups ({g})")
+  if D is not None and D.shape != (h,):
+    raise ValueError(f"ssd: D must be ({h},), got {D.shape}")
+  if initial_state is not None and initial_state.shape != (b, h, p, n):
+    raise ValueError(f"ssd: initial_state must be {(b, h, p, n)}, got {initial_state.shape}")
+  return b, t, h, p, g, n
+
+
+def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
+  """The SSD recurrence, one time step at a time, in float32 (the oracle)."""
+  b, t, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_state)
+  r = h // g
+  state = (jnp.zeros((b, h, p, n), f32) if initial_state is None
+           else initial_state.astype(f32))
+  A = A.astype(f32)
+  Dv = jnp.zeros((h,), f32) if D is None else D.astype(f32)
+
+  def step(state, inputs):
+    x_t, dt_t, B_t, C_t = inputs  # [b, h, p], [b, h], [b, g, n], [b, g, n]
+    B_h = jnp.repeat(B_t, r, axis=1)  # [b, h, n]
+    C_h = jnp.repeat(C_t, r, axis=1)
+    decay = jnp.exp(dt_t * A)  # [b, h]
+    state = (decay[:, :, None, None] * state
+             + jnp.einsum("bhp,bhn->bhpn", dt_t[:, :, None] * x_t, B_h))
+    y_t = jnp.einsum("bhpn,bhn->bhp", state, C_h) + Dv[:, None] * x_t
+    return state, y_t
+
+  xs = (x.astype(f32).swapaxes(0, 1), dt.astype(f32).swapaxes(0, 1),
+        B.astype(f32).swapaxes(0, 1), C.astype(f32).swapaxes(0, 1))
+  state, ys = jax.lax.scan(step, state, xs)
+  return ys.swapaxes(0, 1).astype(x.dtype), state
+
+
+def _segsum(a):
+  """exp-argument of the intra-chunk decay: out[..., l, s] = Σ_{s<k≤l} a[..., k], -inf for s > l.
+
+  Built by a masked cumulative sum rather than a difference of cumsums, which would lose
+  precision when the cumulative decay is large.
+  """
+  q = a.shape[-1]
+  rep = jnp.broadcast_to(a[..., :, None], a.shape + (q,))  # rep[..., k, s] = a[k]
+  rep = jnp.where(jnp.tril(jnp.ones((q, q), bool), -1), rep, 0.0)  # keep k > s
+  seg = jnp.cumsum(rep, axis=-2)  # [..., l, s] = Σ_{s<k≤l} a[k]
+  return jnp.where(jnp.tril(jnp.ones((q, q), bool), 0), seg, -jnp.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, *, chunk_size: int = 128):
+  """The chunked SSD algorithm in XLA; same contract as `ssd_naive`."""
+  b, t, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_state)
+  r = h // g
+  q = int(chunk_size)
+  if q <= 0:
+    raise ValueError(f"ssd: chunk_size must be positive, got {chunk_size}")
+  if t == 0:
+    raise ValueError("ssd: the sequence is empty (time dimension 0)")
+  q = min(q, t)  # a short sequence is one short chunk
+  pad = (-t) % q
+  nc = (t + pad) // q
+
+  def to_chunks(v):
+    v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    return v.reshape((b, nc, q) + v.shape[2:])
+
+  xf = x.astype(f32)
+  dtf = dt.astype(f32)
+  X = to_chunks(xf * dtf[..., None]).reshape(b, nc, q, g, r, p)  # [b, c, l, g, r, p]
+  a = to_chunks(dtf * A.astype(f32)).reshape(b, nc, q, g, r)  # [b, c, l, g, r]
+  a = jnp.moveaxis(a, 2, -1)  # [b, c, g, r, l]
+  Bc = to_chunks(B.astype(f32))  # [b, c, l, g, n]
+  Cc = to_chunks(C.astype(f32))
+
+  a_cum = jnp.cumsum(a, axis=-1)  # [b, c, g, r, l]
+  # 1. Intra-chunk (diagonal blocks).
+  L = jnp.exp(_segsum(a))  # [b, c, g, r, l, s]
+  CB = jnp.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+  y_diag = jnp.einsum("bcgls,bcgrls,bcsgrp->bclgrp", CB, L, X)
+
+  # 2. State at the end of each chunk, from that chunk's inputs alone.
+  decay_to_end = jnp.exp(a_cum[..., -1:] - a_cum)  # [b, c, g, r, l]
+  chunk_states = jnp.einsum("bclgn,bcgrl,bclgrp->bcgrpn", Bc, decay_to_end, X)
+
+  # 3. Pass states between chunks: end_c = exp(A_c) end_{c-1} + S_c, as an associative scan
+  #    over (log-decay, state) pairs.
+  chunk_decay = a_cum[..., -1]  # [b, c, g, r]
+
+  def combine(left, right):
+    la, sa = left
+    lb, sb = right
+    return la + lb, jnp.exp(lb)[..., None, None] * sa + sb
+
+  log_decay_cum, ends = jax.lax.associative_scan(combine, (chunk_decay, chunk_states), axis=1)
+  if initial_state is not None:
+    init = initial_state.astype(f32).reshape(b, 1, g, r, p, n)
+    ends = ends + jnp.exp(log_decay_cum)[..., None, None] * init
+  else:
+    init = jnp.zeros((b, 1, g, r, p, n), f32)
+  starts = jnp.concatenate([init, ends[:, :-1]], axis=1)  # state entering each chunk
+  final_state = ends[:, -1].reshape(b, h, p, n)
+
+  # 4. Contribution of the entering state to each position.
+  y_off = jnp.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, starts, jnp.exp(a_cum))
+
+  y = (y_diag + y_off).reshape(b, nc * q, h, p)[:, :t]
+  if D is not None:
+    y = y + D.astype(f32)[None, None, :, None] * xf
+  return y.astype(x.dtype), final_state
+
+
+def ssd_update(state, x, dt, A, B, C, D=None):
+  """One decode step of the recurrence for a batch of single tokens.
+
+  Shapes: state [b, h, p, n] (float32), x [b, h, p], dt [b, h], A [h], B, C [b, g, n], D [h].
+  Returns y [b, h, p] in x.dtype and the new state in float32.
+  """
+  b, h, p = x.shape
+  g = B.shape[1]
+  r = h // g
+  xf = x.astype(f32)
+  dtf = dt.astype(f32)
+  Bf = B.astype(f32).reshape(b, g, 1, -1)
+  Cf = C.astype(f32).reshape(b, g, 1, -1)
+  decay = jnp.exp(dtf * A.astype(f32)).reshape(b, g, r, 1, 1)
+  s = state.astype(f32).reshape(b, g, r, p, -1)
+  X = (dtf[..., None] * xf).reshape(b, g, r, p)
+  s = decay * s + jnp.einsum("bgrp,bgqn->bgrpn", X, Bf)  # q = 1
+  y = jnp.einsum("bgrpn,bgqn->bgrp", s, Cf).reshape(b, h, p)
+  if D is not None:
+    y = y + D.astype(f32)[None, :, None] * xf
+  return y.astype(x.dtype), s.reshape(b, h, p, -1)
