@@ -66,6 +66,16 @@ class ConfigError(ValueError):
   """A config that does not describe a valid Nemotron-H model."""
 
 
+def _json_float(x, source: str) -> float:
+  """Floats as HF writes them: numbers, "inf"/"Infinity" strings, or {"__float__": "Infinity"}."""
+  if isinstance(x, dict) and "__float__" in x:
+    x = x["__float__"]
+  try:
+    return float(x)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{source}: key 'time_step_limit': expected numbers, got {x!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class NemotronHConfig:
   """Hyper-parameters of a Nemotron-H model, named as in the HF `config.json`.
@@ -260,7 +270,7 @@ class NemotronHConfig:
     if kw["num_hidden_layers"] is None:
       kw["num_hidden_layers"] = len(pattern)
     if "time_step_limit" in kw:
-      kw["time_step_limit"] = tuple(float(x) for x in kw["time_step_limit"])
+      kw["time_step_limit"] = tuple(_json_float(x, source) for x in kw["time_step_limit"])
     if isinstance(kw.get("eos_token_id"), list):
       kw["eos_token_id"] = tuple(kw["eos_token_id"])
     try:
@@ -293,8 +303,9 @@ class NemotronHConfig:
         architectures=["NemotronHForCausalLM"],
         mamba_ssm_cache_dtype="float32",
     )
-    if math.isinf(d["time_step_limit"][1]):
-      d["time_step_limit"] = [d["time_step_limit"][0], float("inf")]
+    # Strict JSON has no infinity; transformers writes and reads it as {"__float__": "Infinity"}.
+    d["time_step_limit"] = [{"__float__": "Infinity"} if math.isinf(v) else v
+                            for v in self.time_step_limit]
     return d
 
   def replace(self, **kw) -> "NemotronHConfig":

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: HF safetensors <-> nemojax, streaming and validated."""

@@ -1,0 +1,214 @@
+"""Reading Hugging Face Nemotron-H checkpoints: config, safetensors index, validation, streaming.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed by
+`model.safetensors.index.json` (`weight_map`: tensor name -> shard file). Everything that can be
+checked without reading tensor data is checked first (`inspect`): the config, every shard's
+header, every expected tensor present once, nothing unexpected, every shape and dtype as the
+config implies. Tensors are then read one at a time (`iter_tensors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors' numpy backend)
+import numpy as np
+from safetensors import safe_open
+
+from nemojax.config import ConfigError, NemotronHConfig
+from nemojax.convert.names import TensorSpec, tensor_specs
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read as the config says it should be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  spec: TensorSpec
+  file: str  # absolute path of the shard holding it
+  dtype: str  # safetensors dtype string ("BF16", "F32", ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFCheckpoint:
+  """A validated HF checkpoint: config, tensor locations and sizes."""
+
+  path: str
+  config: NemotronHConfig
+  raw_config: dict
+  tensors: tuple[TensorInfo, ...]  # in model order
+  files: tuple[str, ...]
+
+  @property
+  def num_bytes(self) -> int:
+    return sum(int(np.prod(t.spec.shape)) * np.dtype(_FLOAT_DTYPES[t.dtype]).itemsize
+               for t in self.tensors)
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+  path = os.fspath(path)
+  return os.path.isfile(os.path.join(path, "config.json")) and (
+      os.path.isfile(os.path.join(path, SINGLE_FILE))
+      or os.path.isfile(os.path.join(path, INDEX_FILE)))
+
+
+def _weight_map(path: str) -> dict[str, str]:
+  """tensor name -> shard file name."""
+  index_path = os.path.join(path, INDEX_FILE)
+  if os.path.isfile(index_path):
+    try:
+      with open(index_path) as f:
+        index = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+      raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' object")
+    for name, shard in wm.items():
+      if not isinstance(shard, str) or os.path.basename(shard) != shard:
+        raise CheckpointError(f"{index_path}: tensor {name!r} maps to {shard!r}, "
+                              "expected a shard file name in the same directory")
+    return dict(wm)
+  single = os.path.join(path, SINGLE_FILE)
+  if os.path.isfile(single):
+    with _open(single) as f:
+      return {name: SINGLE_FILE for name in f.keys()}
+  raise CheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}; "
+                        "not a Hugging Face safetensors checkpoint")
+
+
+def _open(file: str):
+  try:
+    return safe_open(file, framework="np")
+  except FileNotFoundError:
+    raise CheckpointError(f"{file}: shard file is missing") from None
+  except Exception as e:  # safetensors raises its own error types for bad headers
+    size = os.path.getsize(file) if os.path.exists(file) else "?"
+    raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes): {e}") from None
+
+
+def inspect(path: str | os.PathLike) -> HFCheckpoint:
+  """Validates an HF checkpoint directory without reading tensor data."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a directory")
+  cfg_path = os.path.join(path, "config.json")
+  try:
+    with open(cfg_path) as f:
+      raw = json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{cfg_path}: missing (every checkpoint needs config.json)") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+  try:
+    config = NemotronHConfig.from_hf_config(raw, source=cfg_path)
+  except ConfigError as e:
+    raise CheckpointError(str(e)) from None
+
+  wm = _weight_map(path)
+  specs = tensor_specs(config)
+  expected = {s.hf_name: s for s in specs}
+
+  # Read each shard's header once: names, shapes, dtypes.
+  headers: dict[str, dict[str, tuple[list[int], str]]] = {}
+  for shard in sorted(set(wm.values())):
+    file = os.path.join(path, shard)
+    _check_file_size(file)
+    with _open(file) as f:
+      headers[shard] = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
+                        for k in f.keys()}
+
+  seen: dict[str, str] = {}
+  for shard, names in headers.items():
+    for name in names:
+      if name in seen:
+        raise CheckpointError(f"tensor {name!r} appears in both {seen[name]} and {shard}")
+      seen[name] = shard
+  for name, shard in wm.items():
+    if name not in headers.get(shard, {}):
+      raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: tensor {name!r} is listed in "
+                            f"{shard} but that file does not contain it")
+
+  unexpected = sorted(set(seen) - set(expected))
+  if unexpected:
+    shard = seen[unexpected[0]]
+    raise CheckpointError(
+        f"{os.path.join(path, shard)}: unexpected tensor {unexpected[0]!r}"
+        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        + f"; the config ({config.hybrid_override_pattern!r}) implies no such tensor")
+  missing = [s.hf_name for s in specs if s.hf_name not in seen]
+  if missing:
+    raise CheckpointError(
+        f"{path}: missing tensor {missing[0]!r}"
+        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        + f" required by the config ({config.hybrid_override_pattern!r})")
+
+  infos = []
+  for spec in specs:
+    shard = seen[spec.hf_name]
+    shape, dtype = headers[shard][spec.hf_name]
+    file = os.path.join(path, shard)
+    if tuple(shape) != spec.shape:
+      raise CheckpointError(f"{file}: tensor {spec.hf_name!r} has shape {tuple(shape)}, "
+                            f"expected {spec.shape} from config.json")
+    if dtype not in _FLOAT_DTYPES:
+      raise CheckpointError(f"{file}: tensor {spec.hf_name!r} has dtype {dtype}, "
+                            f"expected one of {sorted(_FLOAT_DTYPES)}")
+    infos.append(TensorInfo(spec=spec, file=file, dtype=dtype))
+  return HFCheckpoint(path=path, config=config, raw_config=raw, tensors=tuple(infos),
+                      files=tuple(os.path.join(path, s) for s in sorted(headers)))
+
+
+def _check_file_size(file: str) -> None:
+  """Catches truncated shards before any tensor is read: header length + data must fit."""
+  if not os.path.isfile(file):
+    raise CheckpointError(f"{file}: shard file is missing")
+  size = os.path.getsize(file)
+  if size < 8:
+    raise CheckpointError(f"{file}: truncated ({size} bytes; a safetensors file starts with an "
+                          "8-byte header length)")
+  with open(file, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+      raise CheckpointError(f"{file}: corrupted header (declares {n} header bytes, file has "
+                            f"{size - 8} after the length field)")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{file}: corrupted safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{file}: corrupted safetensors header (not a JSON object)")
+  end = 0
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      end = max(end, int(entry["data_offsets"][1]))
+    except (TypeError, KeyError, IndexError, ValueError):
+      raise CheckpointError(f"{file}: corrupted header entry for {name!r}") from None
+  if 8 + n + end > size:
+    raise CheckpointError(f"{file}: truncated: the header needs {8 + n + end} bytes, "
+                          f"the file has {size}")
+
+
+def iter_tensors(ckpt: HFCheckpoint) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+  """Yields (info, array) one tensor at a time, grouped by shard, in the file's native dtype."""
+  by_file: dict[str, list[TensorInfo]] = {}
+  for info in ckpt.tensors:
+    by_file.setdefault(info.file, []).append(info)
+  for file, infos in by_file.items():
+    with _open(file) as f:
+      for info in infos:
+        try:
+          arr = f.get_tensor(info.spec.hf_name)
+        except Exception as e:
+          raise CheckpointError(f"{file}: cannot read tensor {info.spec.hf_name!r}: {e}") from None
+        yield info, arr

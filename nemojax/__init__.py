@@ -1,0 +1,13 @@
+"""nemojax: NVIDIA Nemotron-H hybrid Mamba-2/Transformer language models in JAX."""
+
+from nemojax.cache import Cache, KVState, MambaState, init_cache
+from nemojax.checkpoint import load
+from nemojax.config import ConfigError, LayerType, NemotronHConfig
+from nemojax.model import NemotronH
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cache", "ConfigError", "KVState", "LayerType", "MambaState", "NemotronH", "NemotronHConfig",
+    "init_cache", "load",
+]

@@ -1,0 +1,100 @@
+"""Small building blocks: linear maps, embeddings, RMS norms and the relu² MLP.
+
+dtype policy (written once, here): matmul weights are stored in the model dtype (bf16 or fp32)
+and multiplied with float32 accumulation (`preferred_element_type`); norm scales are float32 and
+norms are computed in float32, then cast back to the activation dtype.
+
+Weights keep the Hugging Face layout and names (`weight` [out, in]) so that a checkpoint maps onto
+the modules by name alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+f32 = jnp.float32
+
+
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+  """x [..., in] @ w[out, in]ᵀ with float32 accumulation, cast to `out_dtype` (x.dtype)."""
+  y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=f32)
+  return y.astype(out_dtype or x.dtype)
+
+
+class Linear(nnx.Module):
+  """A bias-free linear map with an HF-layout weight [out_features, in_features]."""
+
+  def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs,
+               init_std: float = 0.02):
+    self.weight = nnx.Param(
+        (init_std * jax.random.normal(rngs.params(), (out_features, in_features), f32)).astype(dtype))
+
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    return matmul(x, self.weight[...], out_dtype)
+
+
+class Embedding(nnx.Module):
+  """Token embeddings [vocab, d]; no scaling (Nemotron-H has none)."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+    self.weight = nnx.Param(
+        (init_std * jax.random.normal(rngs.params(), (vocab_size, dim), f32)).astype(dtype))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.weight[...], ids, axis=0)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  x = x.astype(f32)
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * weight, in float32."""
+
+  def __init__(self, dim: int, eps: float):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), f32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (rms_normalize(x, self.eps) * self.weight[...]).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+  """Mamba-2's output norm, gate first: g = y·silu(z), RMS-normalised per group of channels.
+
+  Groups are `dim / n_groups` contiguous channels (1280 for Nano-9B-v2), matching the B/C groups.
+  """
+
+  def __init__(self, dim: int, n_groups: int, eps: float):
+    self.eps = eps
+    self.n_groups = n_groups
+    self.weight = nnx.Param(jnp.ones((dim,), f32))
+
+  def __call__(self, y: jax.Array, z: jax.Array, out_dtype) -> jax.Array:
+    g = y.astype(f32) * jax.nn.silu(z.astype(f32))
+    shape = g.shape
+    g = rms_normalize(g.reshape(shape[:-1] + (self.n_groups, -1)), self.eps).reshape(shape)
+    return (g * self.weight[...]).astype(out_dtype)
+
+
+class MLP(nnx.Module):
+  """down_proj(relu(up_proj(x))²): no gate, no bias."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, out_std: float = 0.02):
+    self.up_proj = Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.down_proj = Linear(hidden, dim, dtype=dtype, rngs=rngs, init_std=out_std)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.up_proj(x, out_dtype=f32)
+    h = jnp.square(jax.nn.relu(h)).astype(x.dtype)
+    return self.down_proj(h)
+
+
+def scaled_out_std(init_std: float, num_layers: int) -> float:
+  """GPT-2 style scaling of residual-branch output projections by 1/sqrt(layers)."""
+  return init_std / math.sqrt(max(num_layers, 1))

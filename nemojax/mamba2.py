@@ -1,0 +1,145 @@
+"""The Mamba-2 mixer of Nemotron-H: full sequence (chunked SSD) and one-token step.
+
+With u [b, t, D] the normalised input, I = h·p, conv_dim = I + 2·g·n:
+
+    z, xBC, dt_raw = split(u @ in_projᵀ, [I, conv_dim, h])
+    xBC  = silu(causal_depthwise_conv(xBC) + conv_bias)          # K taps, zero left padding
+    x, B, C = split(xBC, [I, g·n, g·n])
+    dt   = softplus(dt_raw + dt_bias)                             # no lower clamp (SPEC §2)
+    A    = −exp(A_log)
+    y    = SSD(x, dt, A, B, C, D)                                 # kernels/ssd
+    out  = out_proj(rmsnorm_per_group(y · silu(z)) · norm.weight)
+
+Decode state: the last K−1 raw xBC columns (conv) and the SSM state [b, h, p, n] (float32).
+Left padding must not reach either: xBC is zeroed at pad positions before and after the conv and
+dt is zero there, so a pad step neither decays nor feeds the state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemojax.cache import MambaState
+from nemojax.config import NemotronHConfig
+from nemojax.kernels.ssd import api as ssd_api
+from nemojax.layers import GatedRMSNorm, Linear, scaled_out_std
+
+f32 = jnp.float32
+
+
+class DepthwiseConv1d(nnx.Module):
+  """Causal depthwise conv with HF's `conv1d.weight` [channels, 1, K] and `conv1d.bias` layout."""
+
+  def __init__(self, channels: int, kernel: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(kernel)  # PyTorch's default Conv1d init (fan_in = K)
+    self.kernel = kernel
+    self.weight = nnx.Param(jax.random.uniform(
+        rngs.params(), (channels, 1, kernel), f32, -bound, bound).astype(dtype))
+    self.bias = (nnx.Param(jax.random.uniform(rngs.params(), (channels,), f32, -bound, bound)
+                           .astype(dtype)) if use_bias else None)
+
+  def __call__(self, xbc: jax.Array, history: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """xbc [b, t, c] raw inputs; history [b, K−1, c] the previous raw inputs (zeros at start).
+
+    Returns the conv output [b, t, c] in float32 (before the activation) and the new history.
+    """
+    k = self.kernel
+    t = xbc.shape[1]
+    full = jnp.concatenate([history.astype(xbc.dtype), xbc], axis=1)  # [b, t+K-1, c]
+    w = self.weight[...][:, 0, :].astype(f32)  # [c, K]
+    # Tap K−1 multiplies the current token, tap 0 the token K−1 steps back.
+    out = sum(full[:, i:i + t].astype(f32) * w[:, i] for i in range(k))
+    if self.bias is not None:
+      out = out + self.bias[...].astype(f32)
+    new_history = full[:, full.shape[1] - (k - 1):] if k > 1 else history
+    return out, new_history
+
+
+def _inverse_softplus(x):
+  return x + jnp.log(-jnp.expm1(-x))
+
+
+class Mamba2Mixer(nnx.Module):
+  """Mamba-2 mixer; attribute names follow the HF checkpoint (`mixer.in_proj.weight`, ...)."""
+
+  def __init__(self, config: NemotronHConfig, *, dtype, rngs: nnx.Rngs,
+               ssd_implementation: str | None = None):
+    c = config
+    self.num_heads = c.mamba_num_heads
+    self.head_dim = c.mamba_head_dim
+    self.n_groups = c.n_groups
+    self.state_size = c.ssm_state_size
+    self.d_inner = c.d_inner
+    self.conv_dim = c.conv_dim
+    self.chunk_size = c.chunk_size
+    self.time_step_limit = tuple(c.time_step_limit)
+    self.ssd_implementation = ssd_implementation
+
+    self.in_proj = Linear(c.hidden_size, c.in_proj_dim, dtype=dtype, rngs=rngs,
+                          init_std=c.initializer_range)
+    self.conv1d = DepthwiseConv1d(c.conv_dim, c.conv_kernel, use_bias=c.use_conv_bias,
+                                  dtype=dtype, rngs=rngs)
+    dt = jnp.exp(jax.random.uniform(rngs.params(), (c.mamba_num_heads,), f32)
+                 * (math.log(c.time_step_max) - math.log(c.time_step_min))
+                 + math.log(c.time_step_min))
+    dt = jnp.maximum(dt, c.time_step_floor)
+    self.dt_bias = nnx.Param(_inverse_softplus(dt))
+    self.A_log = nnx.Param(jnp.log(jnp.arange(1, c.mamba_num_heads + 1, dtype=f32)))
+    self.D = nnx.Param(jnp.ones((c.mamba_num_heads,), f32))
+    self.norm = GatedRMSNorm(c.d_inner, c.n_groups, c.layer_norm_epsilon)
+    self.out_proj = Linear(c.d_inner, c.hidden_size, dtype=dtype, rngs=rngs,
+                           init_std=scaled_out_std(c.initializer_range, c.num_hidden_layers))
+
+  def _dt(self, dt_raw: jax.Array) -> jax.Array:
+    dt = jax.nn.softplus(dt_raw.astype(f32) + self.dt_bias[...].astype(f32))
+    lo, hi = self.time_step_limit
+    if lo > 0.0 or hi != float("inf"):
+      dt = jnp.clip(dt, lo, hi)
+    return dt
+
+  def __call__(self, u: jax.Array, *, state: MambaState | None = None,
+               valid: jax.Array | None = None) -> tuple[jax.Array, MambaState | None]:
+    """u [b, t, D]; state: the decode state to continue from (None: start fresh, return None);
+    valid [b, t] bool: False at left-pad positions. Returns (out [b, t, D], new state)."""
+    b, t, _ = u.shape
+    h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
+    dtype = u.dtype
+    zxbcdt = self.in_proj(u, out_dtype=f32)  # [b, t, I + conv_dim + h]
+    z = zxbcdt[..., :self.d_inner]
+    xbc = zxbcdt[..., self.d_inner:self.d_inner + self.conv_dim].astype(dtype)
+    dt_raw = zxbcdt[..., self.d_inner + self.conv_dim:]
+
+    if valid is not None:
+      xbc = jnp.where(valid[..., None], xbc, jnp.zeros((), dtype))
+    history = (state.conv if state is not None
+               else jnp.zeros((b, self.conv1d.kernel - 1, self.conv_dim), dtype))
+    conv_out, new_history = self.conv1d(xbc, history)
+    xbc = jax.nn.silu(conv_out).astype(dtype)
+    dt = self._dt(dt_raw)  # [b, t, h] float32
+    if valid is not None:
+      xbc = jnp.where(valid[..., None], xbc, jnp.zeros((), dtype))
+      dt = jnp.where(valid[..., None], dt, 0.0)
+
+    x = xbc[..., :self.d_inner].reshape(b, t, h, p)
+    B = xbc[..., self.d_inner:self.d_inner + g * n].reshape(b, t, g, n)
+    C = xbc[..., self.d_inner + g * n:].reshape(b, t, g, n)
+    A = -jnp.exp(self.A_log[...].astype(f32))
+    D = self.D[...].astype(f32)
+
+    if state is not None and t == 1:
+      y, ssm = ssd_api.ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D,
+                                implementation=self.ssd_implementation)
+      y = y[:, None]
+    else:
+      y, ssm = ssd_api.ssd(x, dt, A, B, C, D,
+                           initial_state=None if state is None else state.ssm,
+                           chunk_size=self.chunk_size, implementation=self.ssd_implementation)
+    y = self.norm(y.reshape(b, t, self.d_inner), z, out_dtype=dtype)
+    out = self.out_proj(y)
+    new_state = None if state is None else MambaState(conv=new_history.astype(state.conv.dtype),
+                                                      ssm=ssm)
+    return out, new_state

@@ -1,0 +1,91 @@
+"""Helpers for tests and notebooks: tiny random HF reference models and their checkpoints.
+
+Needs the test extras (torch, transformers); imported lazily so the package itself never needs
+them. Weights are drawn with scales that keep activations O(1) through the stack, so comparisons
+exercise every path (the HF initialiser's std 0.02 would leave most of it near zero).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from nemojax.config import NemotronHConfig
+
+# Tolerances of the project, one table per dtype: ‖Δ‖/‖ref‖ against a float32 reference.
+RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
+
+
+def rel_err(a, b) -> float:
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def hf_config(config: NemotronHConfig):
+  """transformers' NemotronHConfig for our config (pattern spelled the old way on purpose)."""
+  from transformers import NemotronHConfig as HFConfig  # noqa: PLC0415
+  kw = config.to_hf_config()
+  for k in ("model_type", "architectures", "num_hidden_layers"):
+    kw.pop(k, None)
+  kw["time_step_limit"] = tuple(config.time_step_limit)
+  kw["use_mamba_kernels"] = False
+  return HFConfig(**kw)
+
+
+def randomize_(model, seed: int = 0) -> None:
+  """Re-draws every parameter of an HF NemotronH model in place with O(1)-preserving scales."""
+  import torch  # noqa: PLC0415
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      shape = p.shape
+      if name.endswith("A_log"):
+        new = torch.log(torch.rand(shape, generator=g) * 4 + 0.5)
+      elif name.endswith(".D"):
+        new = torch.randn(shape, generator=g)
+      elif name.endswith("dt_bias"):
+        new = torch.randn(shape, generator=g) - 1.0
+      elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+        new = 1.0 + 0.2 * torch.randn(shape, generator=g)
+      elif "conv1d" in name:
+        new = torch.randn(shape, generator=g) * 0.5
+      elif "embeddings" in name:
+        new = torch.randn(shape, generator=g)
+      else:  # linear [out, in]
+        new = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+      p.copy_(new.to(p.dtype))
+
+
+def make_hf_model(config: NemotronHConfig, seed: int = 0):
+  """A randomly initialised transformers NemotronHForCausalLM in float32, in eval mode, with the
+  SPEC's dt limit (0, inf) on every Mamba mixer."""
+  import torch  # noqa: PLC0415
+  from transformers import NemotronHForCausalLM  # noqa: PLC0415
+  torch.manual_seed(seed)
+  model = NemotronHForCausalLM(hf_config(config)).float().eval()
+  randomize_(model, seed)
+  unclamp_dt_(model)
+  return model
+
+
+def unclamp_dt_(model) -> None:
+  """HF clamps dt >= time_step_min in prefill; NVIDIA's code and nemojax apply no lower clamp."""
+  for module in model.modules():
+    if hasattr(module, "time_step_limit"):
+      module.time_step_limit = (0.0, float("inf"))
+
+
+def save_hf(model, path: str | os.PathLike, max_shard_size: str | int | None = None) -> str:
+  """Writes a real HF checkpoint directory with `save_pretrained`."""
+  kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+  model.save_pretrained(os.fspath(path), **kw)
+  return os.fspath(path)
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+  import torch  # noqa: PLC0415
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
