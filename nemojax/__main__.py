@@ -1,0 +1,5 @@
+import sys
+
+from nemojax.cli import main
+
+sys.exit(main())
