@@ -14,6 +14,8 @@ written position are visited (a decode step at context L reads L keys, not the w
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,6 +43,7 @@ def _block_update(carry, q, k_blk, v_blk, allowed, scale):
   return m_new, l, acc
 
 
+@functools.partial(jax.jit, static_argnames=("key_block",))
 def attend(q, k, v, q_pos, start, *, num_keys=None, key_block: int = DEFAULT_KEY_BLOCK):
   """Causal GQA attention with left-pad masking.
 

@@ -14,6 +14,8 @@ Calling conventions (functional cache, DESIGN point 6):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -122,11 +124,13 @@ class NemotronH(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, cache: Cache | None = None,
                start: jax.Array | None = None):
-    """Logits [b, t, V] float32; with a cache, (logits, new_cache)."""
-    if cache is None:
-      return self.logits(self.hidden_states(input_ids, start=start))
-    h, cache = self.hidden_states(input_ids, cache=cache)
-    return self.logits(h), cache
+    """Logits [b, t, V] float32; with a cache, (logits, new_cache).
+
+    Compiled as one program (inlined when already inside a jit or other transform), so that
+    calling the model eagerly does not compile hundreds of small ops one at a time.
+    """
+    graphdef, state = nnx.split(self)
+    return _forward(graphdef, state, jnp.asarray(input_ids), cache, start)
 
   def init_cache(self, batch_size: int, max_len: int) -> Cache:
     """An empty decode state for `batch_size` rows and `max_len` cache positions."""
@@ -137,6 +141,17 @@ class NemotronH(nnx.Module):
     for block in self.backbone.layers:
       if block.layer_type is LayerType.MAMBA:
         block.mixer.ssd_implementation = implementation
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, input_ids, cache, start):
+  # Pure function of the split model: no state flows back, so it composes with any outer
+  # transform (jax.jit closing over the model, nnx.grad, ...).
+  model = nnx.merge(graphdef, state)
+  if cache is None:
+    return model.logits(model.hidden_states(input_ids, start=start))
+  h, cache = model.hidden_states(input_ids, cache=cache)
+  return model.logits(h), cache
 
 
 def count_params(model_or_state) -> int:

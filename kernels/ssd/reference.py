@@ -24,6 +24,8 @@ Returns y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -51,6 +53,7 @@ def _check_shapes(x, dt, A, B, C, D, initial_state):
   return b, t, h, p, g, n
 
 
+@jax.jit
 def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
   """The SSD recurrence, one time step at a time, in float32 (the oracle)."""
   b, t, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_state)
@@ -89,6 +92,7 @@ def _segsum(a):
   return jnp.where(jnp.tril(jnp.ones((q, q), bool), 0), seg, -jnp.inf)
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
 def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, *, chunk_size: int = 128):
   """The chunked SSD algorithm in XLA; same contract as `ssd_naive`."""
   b, t, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_state)
@@ -151,6 +155,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, *, chunk_size: int =
   return y.astype(x.dtype), final_state
 
 
+@jax.jit
 def ssd_update(state, x, dt, A, B, C, D=None):
   """One decode step of the recurrence for a batch of single tokens.
 

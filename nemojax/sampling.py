@@ -1,0 +1,97 @@
+"""Sampling rules: greedy, temperature, top-k and top-p, per row, as arrays inside jit.
+
+A rule is a small frozen dataclass (`SamplingParams`); the decode loop receives its values as
+arrays of shape [b], so changing temperature or top-p between calls never recompiles, and rows of
+one batch may use different rules. Conventions inside the arrays: temperature 0 means greedy,
+top_k 0 means no top-k filter, top_p 1 means no nucleus filter.
+
+Randomness: each row draws from `fold_in(fold_in(key, step), row)`, so a row's tokens depend only
+on the seed, the step and its own logits, not on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to pick the next token.
+
+  Attributes:
+    temperature: 0 for greedy (argmax); > 0 scales the logits before sampling.
+    top_k: keep only the k most likely tokens (None: no limit).
+    top_p: keep the smallest set of most likely tokens whose probability reaches p (None: 1).
+  """
+
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    t, k, p = self.temperature, self.top_k, self.top_p
+    if not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+      raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
+    if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
+      raise ValueError(f"top_k must be None or an integer >= 1, got {k!r}")
+    if p is not None and (not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
+      raise ValueError(f"top_p must be None or in (0, 1], got {p!r}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+Greedy = SamplingParams  # `Greedy()` reads well at call sites
+
+
+def as_arrays(params: SamplingParams | Sequence[SamplingParams], batch: int):
+  """[b]-shaped (temperature, top_k, top_p) arrays for one rule or one rule per row."""
+  rules = [params] * batch if isinstance(params, SamplingParams) else list(params)
+  if len(rules) != batch:
+    raise ValueError(f"got {len(rules)} sampling rules for a batch of {batch}")
+  temperature = np.array([r.temperature for r in rules], np.float32)
+  top_k = np.array([r.top_k or 0 for r in rules], np.int32)
+  top_p = np.array([1.0 if r.top_p is None else r.top_p for r in rules], np.float32)
+  return temperature, top_k, top_p
+
+
+def _filter(scaled, top_k, top_p):
+  """Masks (to -inf) what top-k and top-p exclude. scaled [b, v]; top_k [b]; top_p [b]."""
+  v = scaled.shape[-1]
+  desc = -jnp.sort(-scaled, axis=-1)  # [b, v] descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)  # [b]
+  rank = jnp.arange(v)[None, :]
+  in_k = rank < k[:, None]
+  probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+  keep = in_k & (before < top_p[:, None])  # the first token is always kept
+  n_keep = jnp.maximum(keep.sum(-1), 1)
+  threshold = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)  # [b, 1]
+  return jnp.where(scaled < threshold, -jnp.inf, scaled)
+
+
+def sample(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.Array,
+           top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Next tokens [b] int32 from logits [b, v] under per-row rules (see module docstring)."""
+  logits = logits.astype(f32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def stochastic():
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
+    scaled = jax.lax.cond(needs_filter, _filter, lambda s, *_: s, scaled, top_k, top_p)
+    step_key = jax.random.fold_in(key, step)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(logits.shape[0]))
+    drawn = jax.vmap(jax.random.categorical)(row_keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, stochastic)
