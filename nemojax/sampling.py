@@ -79,6 +79,7 @@ def _filter(scaled, top_k, top_p):
   return jnp.where(scaled < threshold, -jnp.inf, scaled)
 
 
+@jax.jit
 def sample(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.Array,
            top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """Next tokens [b] int32 from logits [b, v] under per-row rules (see module docstring)."""
