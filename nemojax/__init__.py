@@ -3,12 +3,15 @@
 from nemojax.cache import Cache, KVState, MambaState, init_cache
 from nemojax.checkpoint import load
 from nemojax.config import ConfigError, LayerType, NemotronHConfig
+from nemojax.generate import Generation, generate
 from nemojax.model import NemotronH
+from nemojax.sampler import Sampler
+from nemojax.sampling import SamplingParams
 from nemojax.tokenizer import DecodeStream, Tokenizer, build_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cache", "ConfigError", "KVState", "LayerType", "MambaState", "NemotronH", "NemotronHConfig",
-    "init_cache", "load", "Tokenizer", "DecodeStream", "build_tokenizer",
+    "init_cache", "load", "generate", "Generation", "Sampler", "SamplingParams", "Tokenizer", "DecodeStream", "build_tokenizer",
 ]

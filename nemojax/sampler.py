@@ -21,7 +21,6 @@ force-fed — at once under the "hard" policy, or after the next token that ends
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -137,6 +136,12 @@ def _prefill_chunk(graphdef, params, cache: Cache, ids: jax.Array) -> Cache:
   return cache
 
 
+# Compiled once per (model structure, shapes) for the whole process: every Sampler of a model
+# shares them, so `generate()` may build a Sampler per call without recompiling.
+_prefill_jit = jax.jit(_prefill_chunk, static_argnums=0, donate_argnums=(2,))
+_decode_jit = jax.jit(_decode_segment, static_argnums=0, donate_argnums=(2,))
+
+
 def _next_pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 
@@ -163,12 +168,11 @@ class Sampler:
     self.prefill_chunk = prefill_chunk
     self.min_bucket = min(min_bucket, prefill_chunk)
     self.graphdef, self.params = nnx.split(model)
-    self._prefill = jax.jit(functools.partial(_prefill_chunk, self.graphdef), donate_argnums=(1,))
-    self._decode = jax.jit(functools.partial(_decode_segment, self.graphdef), donate_argnums=(1,))
 
-  def compiled_shapes(self) -> dict[str, int]:
-    """How many shapes the prefill and decode functions have been compiled for (for tests)."""
-    return {"prefill": self._prefill._cache_size(), "decode": self._decode._cache_size()}
+  @staticmethod
+  def compiled_shapes() -> dict[str, int]:
+    """How many programs the prefill and decode functions hold in this process (for tests)."""
+    return {"prefill": _prefill_jit._cache_size(), "decode": _decode_jit._cache_size()}
 
   # ----------------------------------------------------------------------------------------------
   def prefill_bucket(self, prompt_len: int) -> int:
@@ -277,7 +281,7 @@ class Sampler:
     cache = cache.replace(start=jnp.asarray(start))
     chunk = min(bucket, self.prefill_chunk)
     for lo in range(0, bucket, chunk):
-      cache = self._prefill(self.params, cache, jnp.asarray(ids[:, lo:lo + chunk]))
+      cache = _prefill_jit(self.graphdef, self.params, cache, jnp.asarray(ids[:, lo:lo + chunk]))
 
     state = LoopState(
         cache=cache, last=jnp.asarray(ids[:, -1]), tokens=jnp.zeros((b, n), jnp.int32),
@@ -293,7 +297,7 @@ class Sampler:
     step = 0
     while True:
       step = min(step + seg, int(max_new_tokens))
-      state = self._decode(self.params, state, cfg, jnp.int32(step))
+      state = _decode_jit(self.graphdef, self.params, state, cfg, jnp.int32(step))
       count, done, tokens = jax.device_get((state.count, state.done, state.tokens))
       new = [tokens[i, emitted[i]:count[i]].tolist() for i in range(b)]
       emitted = [int(c) for c in count]

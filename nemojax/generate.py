@@ -1,0 +1,260 @@
+"""`nemojax.generate`: text in, `Generation`s out, with reasoning control and thinking budgets.
+
+Prompts may be strings (one user message each, rendered with the chat template), chat message
+lists, or token ids (used as they are). Reasoning is on by default, as in NVIDIA's template;
+`thinking=False` (or `/no_think` in a message) turns it off, `thinking_budget=N` caps it per row
+inside the jitted decode loop (see `sampler.py`). Defaults follow NVIDIA's recommendation:
+temperature 0.6 and top-p 0.95 with reasoning on, greedy with it off; explicit arguments win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from nemojax import sampling
+from nemojax.model import NemotronH
+from nemojax.sampler import RowResult, Sampler, ThinkingControl
+from nemojax.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
+
+REASONING_DEFAULTS = sampling.SamplingParams(temperature=0.6, top_p=0.95)
+ANSWER_DEFAULTS = sampling.SamplingParams()  # greedy
+
+
+@dataclasses.dataclass
+class Generation:
+  """One row's output.
+
+  Attributes:
+    text: everything generated, decoded (the stop token or stop string excluded).
+    tokens: generated token ids (a stop token included, as it was generated).
+    reasoning: the thought before `</think>` (None when reasoning was off).
+    answer: the text after `</think>` (all of `text` when reasoning was off).
+    num_reasoning_tokens: tokens spent inside the thought (`</think>` included).
+    finish_reason: "stop" (stop token or string) or "length" (max_new_tokens reached).
+  """
+
+  text: str
+  tokens: list[int]
+  reasoning: str | None
+  answer: str
+  num_reasoning_tokens: int
+  finish_reason: str
+
+
+def _is_messages(x) -> bool:
+  return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, Mapping) for m in x)
+
+
+def _is_ids(x) -> bool:
+  return (isinstance(x, (list, tuple, np.ndarray))
+          and all(isinstance(t, (int, np.integer)) for t in x))
+
+
+def _normalize_prompts(prompts) -> list:
+  """A single prompt or a batch, as a list of str | messages | ids."""
+  if isinstance(prompts, str) or _is_messages(prompts):
+    return [prompts]
+  if isinstance(prompts, np.ndarray):
+    return [list(map(int, row)) for row in (prompts[None] if prompts.ndim == 1 else prompts)]
+  if _is_ids(prompts) and len(prompts) > 0:
+    return [list(map(int, prompts))]
+  if isinstance(prompts, (list, tuple)) and prompts:
+    return list(prompts)
+  raise ValueError("prompts must be a string, a chat (list of message dicts), a list of token "
+                   f"ids, or a non-empty list of those; got {type(prompts).__name__}")
+
+
+def _per_row(value, n: int, name: str) -> list:
+  if isinstance(value, (list, tuple)):
+    if len(value) != n:
+      raise ValueError(f"{name} has {len(value)} values for {n} prompts")
+    return list(value)
+  return [value] * n
+
+
+def _split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
+  if not thinking:
+    return None, text.strip()
+  i = text.find(THINK_CLOSE)
+  if i < 0:
+    return text.strip(), ""
+  return text[:i].strip(), text[i + len(THINK_CLOSE):].strip()
+
+
+def _encode_prompts(prompts, tokenizer, thinking, budgets):
+  """(ids, reasoning-open flags) per row."""
+  ids, opens = [], []
+  for i, (p, think, budget) in enumerate(zip(prompts, thinking, budgets)):
+    if isinstance(p, str) or _is_messages(p):
+      if tokenizer is None:
+        raise ValueError(f"prompt {i} is text: pass tokenizer= to render and encode it")
+      messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+      if budget == 0:
+        think = False  # a zero budget is reasoning off: nothing to close
+      opens.append(tokenizer.reasoning_enabled(messages, think))
+      ids.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                               thinking=think, tokenize=True))
+    elif _is_ids(p):
+      row = [int(t) for t in p]
+      tail = tokenizer.decode(row[-8:]) if tokenizer is not None else ""
+      opens.append(tail.rstrip().endswith(THINK_OPEN))
+      ids.append(row)
+    else:
+      raise ValueError(f"prompt {i} is neither a string, a chat nor token ids: {p!r:.80}")
+  return ids, opens
+
+
+def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
+             max_new_tokens: int = 256, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+             thinking: bool | None | Sequence[bool | None] = None,
+             thinking_budget: int | None | Sequence[int | None] = None,
+             budget_policy: str = "hard", budget_grace: int = 500,
+             stop: str | Sequence[str] | None = None,
+             stop_tokens: Sequence[int] | None = None,
+             stream: Callable[[int, str], Any] | None = None,
+             cache_size: int | None = None, prefill_chunk: int = 2048,
+             sampler: Sampler | None = None) -> list[Generation]:
+  """Generates a completion for each prompt.
+
+  Args:
+    model: a `NemotronH` (e.g. from `nemojax.load`).
+    prompts: a string, a chat (list of {"role", "content"} dicts), token ids, or a list of those.
+    tokenizer: needed for text prompts and for decoding (`nemojax.Tokenizer`).
+    max_new_tokens: bound on generated tokens per row (reasoning, forced text and answer).
+    temperature, top_p, top_k: sampling; None takes NVIDIA's defaults per row (0.6 / 0.95 with
+      reasoning on, greedy with it off).
+    seed: random seed; the same seed gives the same tokens.
+    thinking: True / False switches reasoning on / off (inserting /think or /no_think); None
+      leaves it to the messages (on unless they say /no_think). One value or one per prompt.
+    thinking_budget: max reasoning tokens (None = unlimited; 0 = reasoning off). One or per row.
+    budget_policy: "hard" closes the thought at the budget; "newline" waits for the end of the
+      line, at most `budget_grace` tokens longer.
+    stop: stop strings (the text is cut before them).
+    stop_tokens: stop token ids (default: the tokenizer's end-of-turn and end-of-text ids).
+    stream: `fn(row, text_delta)` called as text is produced; the deltas of a row concatenate
+      to its final `text`.
+    cache_size, prefill_chunk: passed to the `Sampler` (cache positions; prefill chunk length).
+    sampler: reuse a configured `Sampler` instead.
+  Returns:
+    One `Generation` per prompt, in order.
+  """
+  rows = _normalize_prompts(prompts)
+  n = len(rows)
+  think_flags = _per_row(thinking, n, "thinking")
+  budgets = _per_row(thinking_budget, n, "thinking_budget")
+  for i, b in enumerate(budgets):
+    if b is not None and (not isinstance(b, (int, np.integer)) or b < 0):
+      raise ValueError(f"thinking_budget for prompt {i} must be None or an integer >= 0, got {b!r}")
+  ids, opens = _encode_prompts(rows, tokenizer, think_flags, budgets)
+
+  rules = []
+  for open_ in opens:
+    base = REASONING_DEFAULTS if open_ else ANSWER_DEFAULTS
+    rules.append(sampling.SamplingParams(
+        temperature=base.temperature if temperature is None else temperature,
+        top_k=base.top_k if top_k is None else top_k,
+        top_p=base.top_p if top_p is None else top_p))
+
+  stops = [stop] if isinstance(stop, str) else list(stop or [])
+  if any(not isinstance(s, str) or not s for s in stops):
+    raise ValueError(f"stop must be non-empty strings, got {stop!r}")
+  if stop_tokens is None:
+    stop_tokens = tokenizer.eos_ids if tokenizer is not None else model.config.eos_token_ids
+  control = None
+  if tokenizer is not None and any(o and b is not None for o, b in zip(opens, budgets)):
+    control = ThinkingControl(
+        close_marker=tuple(tokenizer.think_tokens().close),
+        close_text=tuple(tokenizer.budget_close_ids()),
+        newline_mask=tokenizer.newline_token_mask(model.config.vocab_size))
+  elif any(o and b is not None for o, b in zip(opens, budgets)):
+    raise ValueError("a thinking budget needs tokenizer= (to know the </think> tokens)")
+
+  sampler = sampler or Sampler(model, cache_size=cache_size, prefill_chunk=prefill_chunk)
+  stop_set = set(int(t) for t in stop_tokens)
+  texts = _TextTracker(tokenizer, n, stop_set, stops, stream) if tokenizer is not None else None
+  results: list[RowResult] | None = None
+  for new, results in sampler.stream(
+      ids, max_new_tokens=max_new_tokens, sampling_params=rules, seed=seed,
+      stop_tokens=sorted(stop_set), thinking=opens, thinking_budget=budgets,
+      budget_policy=budget_policy, budget_grace=budget_grace, thinking_control=control,
+      segment=16 if (stream is not None or stops) else None,
+      should_stop=texts.hit_stop_string if (texts is not None and stops) else None):
+    if texts is not None:
+      texts.update(new, final=results is not None)
+
+  out = []
+  for i, r in enumerate(results):
+    if texts is None:
+      out.append(Generation(text="", tokens=r.tokens, reasoning=None, answer="",
+                            num_reasoning_tokens=r.num_reasoning_tokens,
+                            finish_reason=r.finish_reason))
+      continue
+    text = texts.final_text(i)
+    reasoning, answer = _split_reasoning(text, opens[i])
+    out.append(Generation(
+        text=text, tokens=r.tokens, reasoning=reasoning, answer=answer,
+        num_reasoning_tokens=r.num_reasoning_tokens,
+        finish_reason="stop" if texts.stopped[i] else r.finish_reason))
+  return out
+
+
+class _TextTracker:
+  """Incremental text per row: streaming deltas, stop strings, and the final text."""
+
+  def __init__(self, tokenizer: Tokenizer, n: int, stop_tokens: set[int], stops: list[str],
+               callback):
+    self.streams = [tokenizer.decode_stream() for _ in range(n)]
+    self.text = [""] * n
+    self.emitted = [0] * n
+    self.seen = [0] * n  # tokens fed to the text so far
+    self.cum = [0] * n  # tokens the sampler has reported through `update`
+    self.stopped = [False] * n
+    self.ended = [False] * n  # a stop token was generated: nothing after it is text
+    self.stop_tokens = stop_tokens
+    self.stops = stops
+    self.hold = max((len(s) for s in stops), default=1) - 1
+    self.callback = callback
+
+  def _feed(self, i: int, tokens: list[int]) -> None:
+    for t in tokens:
+      if self.ended[i] or self.stopped[i]:
+        return
+      if t in self.stop_tokens:
+        self.ended[i] = True
+        return
+      self.text[i] += self.streams[i].step(t)
+      self._cut_at_stop(i)
+
+  def _cut_at_stop(self, i: int) -> None:
+    hits = [j for j in (self.text[i].find(s) for s in self.stops) if j >= 0]
+    if hits:
+      self.text[i] = self.text[i][:min(hits)]
+      self.stopped[i] = True
+
+  def hit_stop_string(self, row: int, tokens: list[int]) -> bool:
+    """The sampler's between-segments check: feeds the row's newest tokens, reports a hit."""
+    self._feed(row, tokens[self.seen[row]:])
+    self.seen[row] = max(self.seen[row], len(tokens))
+    return self.stopped[row]
+
+  def update(self, new: list[list[int]], final: bool) -> None:
+    for i, toks in enumerate(new):
+      skip = self.seen[i] - self.cum[i]  # already fed by hit_stop_string
+      self._feed(i, toks[skip:])
+      self.cum[i] += len(toks)
+      self.seen[i] = max(self.seen[i], self.cum[i])
+      if final and not (self.ended[i] or self.stopped[i]):
+        self.text[i] += self.streams[i].finish()
+        self._cut_at_stop(i)
+      safe = len(self.text[i]) if (final or self.stopped[i] or self.ended[i]) \
+          else max(self.emitted[i], len(self.text[i]) - self.hold)
+      if self.callback is not None and safe > self.emitted[i]:
+        self.callback(i, self.text[i][self.emitted[i]:safe])
+      self.emitted[i] = max(self.emitted[i], safe)
+
+  def final_text(self, i: int) -> str:
+    return self.text[i]

@@ -1,0 +1,127 @@
+"""nemojax.generate: prompt forms, streaming, stop strings and per-row thinking budgets."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nemojax
+from nemojax import NemotronHConfig
+from nemojax.tokenizer import BUDGET_CLOSE_TEXT, THINK_CLOSE, build_tokenizer
+
+CORPUS = ["The quick brown fox jumps over the lazy dog. 12345 + 678 = 13023\n",
+          "Think step by step: first add the units, then carry.\n",
+          "Nemotron models reason inside <think> tags before answering.\n"] * 20
+
+
+def _model_and_tokenizer(tmp_path_factory, think_as_special):
+  tok = build_tokenizer(CORPUS, 400, tmp_path_factory.mktemp(f"tok{int(think_as_special)}"),
+                        think_as_special=think_as_special)
+  cfg = NemotronHConfig.tiny(vocab_size=tok.vocab_size)
+  model = nemojax.NemotronH(cfg, dtype=jnp.float32, rngs=nnx.Rngs(7))
+  return model, tok
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):  # `</think>` spelt with several BPE pieces: never written by chance
+  return _model_and_tokenizer(tmp_path_factory, think_as_special=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):  # `</think>` as one special token
+  return _model_and_tokenizer(tmp_path_factory, think_as_special=True)
+
+
+@pytest.mark.parametrize("policy", ["hard", "newline"])
+def test_budgets_per_row(multi, policy):
+  model, tok = multi
+  budgets = [0, 3, 9, None]
+  grace = 5
+  gens = nemojax.generate(model, ["What is 2 + 2?"] * 4, tokenizer=tok, max_new_tokens=40,
+                          thinking=True, thinking_budget=budgets, budget_policy=policy,
+                          budget_grace=grace, temperature=1.0, seed=3,
+                          stop_tokens=[])  # a random model: let every row run to the end
+  for budget, g in zip(budgets, gens):
+    if budget is None:  # nothing forced: the random model never closes its thought
+      assert BUDGET_CLOSE_TEXT not in g.text and THINK_CLOSE not in g.text
+      assert g.num_reasoning_tokens == len(g.tokens) and g.answer == ""
+      continue
+    if budget == 0:  # like /no_think: the prompt already closed the (empty) thought
+      assert g.reasoning is None and g.num_reasoning_tokens == 0
+      assert THINK_CLOSE not in g.text and len(g.answer) > 0
+      continue
+    limit = budget + (grace if policy == "newline" else 0)
+    assert budget <= g.num_reasoning_tokens <= limit  # forced tokens are not reasoning
+    assert g.text.count(THINK_CLOSE) == 1
+    assert g.text.count(BUDGET_CLOSE_TEXT.strip()) >= 1
+    assert g.reasoning is not None and len(g.answer) > 0
+    assert g.finish_reason == "length"
+
+
+def test_budget_with_single_token_close(single):
+  model, tok = single
+  assert len(tok.think_tokens().close) == 1
+  g = nemojax.generate(model, "Hi", tokenizer=tok, max_new_tokens=20, thinking_budget=4,
+                       temperature=1.0, seed=1, stop_tokens=[])[0]
+  assert g.tokens[4:4 + len(tok.budget_close_ids())] == list(tok.budget_close_ids())
+  assert g.text.count(THINK_CLOSE) == 1 and g.reasoning is not None
+
+
+def test_zero_budget_equals_no_think(multi):
+  model, tok = multi
+  a = nemojax.generate(model, "What is 7 * 8?", tokenizer=tok, max_new_tokens=12,
+                       thinking_budget=0)[0]
+  b = nemojax.generate(model, "What is 7 * 8? /no_think", tokenizer=tok, max_new_tokens=12)[0]
+  assert a.tokens == b.tokens and a.text == b.text and a.reasoning is None
+
+
+def test_prompt_forms_agree(multi):
+  model, tok = multi
+  text = nemojax.generate(model, "Add 12 and 30.", tokenizer=tok, max_new_tokens=10,
+                          temperature=0.0)[0]
+  chat = nemojax.generate(model, [{"role": "user", "content": "Add 12 and 30."}], tokenizer=tok,
+                          max_new_tokens=10, temperature=0.0)[0]
+  ids = tok.apply_chat_template([{"role": "user", "content": "Add 12 and 30."}], tokenize=True)
+  raw = nemojax.generate(model, ids, tokenizer=tok, max_new_tokens=10, temperature=0.0)[0]
+  assert text.tokens == chat.tokens == raw.tokens
+  assert text.text == raw.text and raw.reasoning is not None  # the ids end in "<think>\n"
+  batch = nemojax.generate(model, ["Add 12 and 30.", [{"role": "user", "content": "Hi"}]],
+                           tokenizer=tok, max_new_tokens=10, temperature=0.0)
+  assert batch[0].tokens == text.tokens and len(batch) == 2
+
+
+def test_stream_deltas_concatenate_to_text(multi):
+  model, tok = multi
+  deltas = {0: [], 1: []}
+  gens = nemojax.generate(model, ["Think about foxes.", "Count to five. /no_think"],
+                          tokenizer=tok, max_new_tokens=37, thinking_budget=[5, None],
+                          temperature=1.0, seed=4, stop_tokens=[],
+                          stream=lambda row, d: deltas[row].append(d))
+  for i, g in enumerate(gens):
+    assert "".join(deltas[i]) == g.text
+    assert len(deltas[i]) > 1
+  assert g.text == tok.decode(g.tokens)
+
+
+def test_stop_strings_cut_the_text(multi):
+  model, tok = multi
+  free = nemojax.generate(model, "Tell me about dogs.", tokenizer=tok, max_new_tokens=30,
+                          temperature=1.0, seed=8, stop_tokens=[])[0]
+  stop = free.text[10:13]
+  assert len(stop) == 3
+  cut = nemojax.generate(model, "Tell me about dogs.", tokenizer=tok, max_new_tokens=30,
+                         temperature=1.0, seed=8, stop=[stop], stop_tokens=[])[0]
+  assert cut.finish_reason == "stop"
+  assert cut.text == free.text[:free.text.find(stop)]
+
+
+def test_errors(multi):
+  model, tok = multi
+  with pytest.raises(ValueError, match="tokenizer="):
+    nemojax.generate(model, "hello")
+  with pytest.raises(ValueError, match="thinking_budget"):
+    nemojax.generate(model, "hello", tokenizer=tok, thinking_budget=-2)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    nemojax.generate(model, "hello", tokenizer=tok, max_new_tokens=0)
+  with pytest.raises(ValueError, match="top_p"):
+    nemojax.generate(model, "hello", tokenizer=tok, top_p=1.5)
