@@ -9,10 +9,13 @@ config implies. Tensors are then read one at a time (`iter_tensors`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
-from typing import Iterator
+import sys
+from typing import Callable, Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors' numpy backend)
 import numpy as np
@@ -24,6 +27,9 @@ from nemojax.convert.names import TensorSpec, tensor_specs
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+# safetensors dtype string <-> NumPy dtype, for the float dtypes a Nemotron-H checkpoint may hold.
+DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in _FLOAT_DTYPES.items()}
+DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -35,6 +41,10 @@ class TensorInfo:
   spec: TensorSpec
   file: str  # absolute path of the shard holding it
   dtype: str  # safetensors dtype string ("BF16", "F32", ...)
+
+  @property
+  def num_bytes(self) -> int:
+    return int(np.prod(self.spec.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +59,7 @@ class HFCheckpoint:
 
   @property
   def num_bytes(self) -> int:
-    return sum(int(np.prod(t.spec.shape)) * np.dtype(_FLOAT_DTYPES[t.dtype]).itemsize
-               for t in self.tensors)
+    return sum(t.num_bytes for t in self.tensors)
 
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
@@ -79,6 +88,7 @@ def _weight_map(path: str) -> dict[str, str]:
     return dict(wm)
   single = os.path.join(path, SINGLE_FILE)
   if os.path.isfile(single):
+    _check_file_size(single)
     with _open(single) as f:
       return {name: SINGLE_FILE for name in f.keys()}
   raise CheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}; "
@@ -182,7 +192,7 @@ def _check_file_size(file: str) -> None:
                             f"{size - 8} after the length field)")
     try:
       header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
       raise CheckpointError(f"{file}: corrupted safetensors header ({e})") from None
   if not isinstance(header, dict):
     raise CheckpointError(f"{file}: corrupted safetensors header (not a JSON object)")
@@ -192,23 +202,126 @@ def _check_file_size(file: str) -> None:
       continue
     try:
       end = max(end, int(entry["data_offsets"][1]))
-    except (TypeError, KeyError, IndexError, ValueError):
+    except (TypeError, KeyError, IndexError, ValueError, OverflowError):
       raise CheckpointError(f"{file}: corrupted header entry for {name!r}") from None
   if 8 + n + end > size:
     raise CheckpointError(f"{file}: truncated: the header needs {8 + n + end} bytes, "
                           f"the file has {size}")
 
 
-def iter_tensors(ckpt: HFCheckpoint) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-  """Yields (info, array) one tensor at a time, grouped by shard, in the file's native dtype."""
+def iter_tensors(ckpt: HFCheckpoint, *, digests: dict[str, str] | None = None,
+                 before_read: Callable[[TensorInfo], None] | None = None
+                 ) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+  """Yields (info, array) one tensor at a time, shard by shard, in each file's storage order.
+
+  Shards are read front to back with plain reads into a fresh buffer per tensor (no memory map:
+  a mapped shard's pages would count as resident memory until it is closed, i.e. up to the whole
+  shard). Arrays are read-only, in the file's native dtype.
+
+  Args:
+    ckpt: a checkpoint validated by `inspect` (headers already checked by the safetensors reader).
+    digests: if given, the SHA-256 of every whole shard file (header included, so it equals the
+      Hub's LFS object id) is computed on a worker thread while reading and stored here under the
+      shard's absolute path once the shard is done.
+    before_read: called with each tensor's info before its buffer is allocated (a consumer that
+      batches tensors can release memory first).
+  """
+  if sys.byteorder != "little":
+    raise CheckpointError("safetensors data is little-endian; big-endian hosts are not supported")
   by_file: dict[str, list[TensorInfo]] = {}
   for info in ckpt.tensors:
     by_file.setdefault(info.file, []).append(info)
-  for file, infos in by_file.items():
-    with _open(file) as f:
-      for info in infos:
-        try:
-          arr = f.get_tensor(info.spec.hf_name)
-        except Exception as e:
-          raise CheckpointError(f"{file}: cannot read tensor {info.spec.hf_name!r}: {e}") from None
-        yield info, arr
+  hasher = _BackgroundHash() if digests is not None else None
+  try:
+    for file, infos in by_file.items():
+      yield from _read_shard(file, infos, hasher, before_read)
+      if hasher is not None:
+        digests[file] = hasher.hexdigest()
+  finally:
+    if hasher is not None:
+      hasher.close()
+
+
+def _read_shard(file: str, infos: list[TensorInfo], hasher: "_BackgroundHash | None",
+                before_read: Callable[[TensorInfo], None] | None
+                ) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+  with open(file, "rb", buffering=0) as f:
+    head = _read_exact(f, 8, file, "the header length")
+    n = int.from_bytes(head, "little")
+    header_bytes = _read_exact(f, n, file, "the header")
+    if hasher is not None:
+      hasher.start()
+      hasher.update(head)
+      hasher.update(header_bytes)
+    try:
+      header = json.loads(header_bytes)
+      located = sorted((((int(header[i.spec.hf_name]["data_offsets"][0]),
+                          int(header[i.spec.hf_name]["data_offsets"][1])), i) for i in infos),
+                       key=lambda x: x[0])
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+      raise CheckpointError(f"{file}: the safetensors header changed after validation") from None
+    pos = 0
+    for (begin, end), info in located:
+      if begin < pos or end - begin != info.num_bytes:
+        raise CheckpointError(f"{file}: tensor {info.spec.hf_name!r} has data offsets "
+                              f"[{begin}, {end}], expected {info.num_bytes} bytes after {pos}")
+      if begin > pos:  # bytes no tensor claims: skip them, but hash them
+        gap = _read_exact(f, begin - pos, file, f"the bytes before {info.spec.hf_name!r}")
+        if hasher is not None:
+          hasher.update(gap)
+      if before_read is not None:
+        before_read(info)
+      buf = np.empty(end - begin, np.uint8)
+      _read_exact(f, buf, file, f"tensor {info.spec.hf_name!r}")
+      buf.flags.writeable = False
+      if hasher is not None:
+        hasher.update(buf)
+      pos = end
+      yield info, buf.view(DTYPES[info.dtype]).reshape(info.spec.shape)
+    if hasher is not None:  # whatever follows the last tensor belongs to the file's digest too
+      while chunk := f.read(1 << 24):
+        hasher.update(chunk)
+
+
+def _read_exact(f, size_or_buf, file: str, what: str):
+  """Reads exactly len(buf) (or `size`) bytes; a short read means the file was truncated."""
+  buf = np.empty(size_or_buf, np.uint8) if isinstance(size_or_buf, int) else size_or_buf
+  view = memoryview(buf).cast("B")
+  got = 0
+  while got < len(view):
+    n = f.readinto(view[got:])
+    if not n:
+      raise CheckpointError(f"{file}: truncated while reading {what} "
+                            f"({got} of {len(view)} bytes available)")
+    got += n
+  return buf.tobytes() if isinstance(size_or_buf, int) else buf
+
+
+class _BackgroundHash:
+  """SHA-256 on a worker thread (hashlib releases the GIL), at most one buffer behind the reader,
+  so hashing overlaps with whatever the consumer does with the previous tensor."""
+
+  def __init__(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nemojax-sha256")
+    self._pending: concurrent.futures.Future | None = None
+    self._hash = hashlib.sha256()
+
+  def start(self) -> None:
+    self._wait()
+    self._hash = hashlib.sha256()
+
+  def update(self, data) -> None:
+    self._wait()
+    self._pending = self._pool.submit(self._hash.update, data)
+
+  def hexdigest(self) -> str:
+    self._wait()
+    return self._hash.hexdigest()
+
+  def _wait(self) -> None:
+    if self._pending is not None:
+      self._pending.result()
+      self._pending = None
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)

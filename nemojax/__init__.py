@@ -1,7 +1,7 @@
 """nemojax: NVIDIA Nemotron-H hybrid Mamba-2/Transformer language models in JAX."""
 
 from nemojax.cache import Cache, KVState, MambaState, init_cache
-from nemojax.checkpoint import load
+from nemojax.checkpoint import load, save
 from nemojax.config import ConfigError, LayerType, NemotronHConfig
 from nemojax.generate import Generation, generate
 from nemojax.model import NemotronH
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Cache", "ConfigError", "KVState", "LayerType", "MambaState", "NemotronH", "NemotronHConfig",
-    "init_cache", "load", "generate", "Generation", "Sampler", "SamplingParams", "Tokenizer", "DecodeStream", "build_tokenizer",
+    "init_cache", "load", "save", "generate", "Generation", "Sampler", "SamplingParams", "Tokenizer", "DecodeStream", "build_tokenizer",
 ]

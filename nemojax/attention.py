@@ -93,6 +93,10 @@ def attend(q, k, v, q_pos, start, *, num_keys=None, key_block: int = DEFAULT_KEY
   return jnp.moveaxis(out.reshape(b, nh, t, d), 2, 1).astype(q.dtype)
 
 
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
 class Attention(nnx.Module):
   """GQA attention block; attribute names follow the HF checkpoint (`mixer.q_proj.weight`, ...)."""
 
@@ -131,6 +135,8 @@ class Attention(nnx.Module):
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), pos, axis=1)
       v_all = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), pos, axis=1)
-      o = attend(q, k_all, v_all, q_pos, start, num_keys=pos + t, key_block=self.key_block)
+      # A decode step has one query: larger key blocks keep the loop to at most ~16 trips.
+      block = self.key_block if t > 1 else max(self.key_block, _next_pow2(k_all.shape[1] // 16))
+      o = attend(q, k_all, v_all, q_pos, start, num_keys=pos + t, key_block=block)
       new_state = KVState(k=k_all, v=v_all)
     return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), new_state

@@ -105,3 +105,14 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | 
   raise hf.CheckpointError(
       f"{path}: not a model directory (expected config.json with model.safetensors or "
       f"{hf.INDEX_FILE}, or a directory written by `nemojax convert`)")
+
+
+def save(model: NemotronH, path: str | os.PathLike, *, overwrite: bool = False,
+         copy_from: str | os.PathLike | None = None):
+  """Saves a model in nemojax's format (readable by `load`, exportable to HF).
+
+  `copy_from` (an HF or nemojax directory) supplies the tokenizer files and the original
+  per-tensor dtypes, so a fine-tuned model exports back bit-compatibly. Returns a `Report`.
+  """
+  from nemojax.convert import api  # noqa: PLC0415  (orbax is imported only when saving)
+  return api.save(model, path, overwrite=overwrite, copy_from=copy_from)

@@ -4,7 +4,9 @@
   None      pick the fastest available for the arrays' device ("pallas" on a Hopper-or-newer
             NVIDIA GPU when the kernel supports the shapes, else "xla").
   "xla"     `reference.ssd_chunked`, runs everywhere (CPU, TPU, any GPU).
-  "pallas"  the Mosaic GPU kernel (`pallas_mosaic_gpu.py`); an error where it cannot run.
+  "pallas"  the Mosaic GPU kernel (`pallas_mosaic_gpu.py`); without a Hopper-or-newer GPU it runs
+            on Mosaic GPU's CPU interpreter (slow: for tests); an error for shapes it does not
+            support.
   "naive"   the `lax.scan` oracle; for tests.
 """
 
@@ -73,7 +75,8 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 128,
   mod = _pallas_module()
   if mod is None:
     raise NotImplementedError("ssd: the Pallas Mosaic GPU kernel is not available in this build")
-  return mod.ssd(x, dt, A, B, C, D, initial_state=initial_state, chunk_size=chunk_size)
+  return mod.ssd(x, dt, A, B, C, D, initial_state=initial_state, chunk_size=chunk_size,
+                 interpret=not _default_backend_supports_pallas())
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, implementation: str | None = None):

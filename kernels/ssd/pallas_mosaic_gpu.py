@@ -1,0 +1,492 @@
+"""Chunked SSD scan as one fused Pallas kernel for Hopper GPUs (Mosaic GPU: wgmma, TMA).
+
+Legend: b batch, t time, h heads, p head dim, n state, g groups, c blocks of the sequence,
+l / s positions inside a block (query / source).
+
+The function is the one of `reference.ssd_naive`. Per head, with `a_t = dt_t·A` and the block-local
+cumulative sum `Λ_l = Σ_{k≤l} a_k` (the sequence is cut into blocks of `T` = `Config.block_t`
+steps), the kernel keeps the transposed state `Sᵀ ∈ R^{n×p}` (fp32, in registers) and, block after
+block, computes
+
+    y_l   = e^{Λ_l} (C_l · Sᵀ)                                   (entering state, "y_off")
+          + Σ_{s≤l} (C_l·B_s) e^{Λ_l − Λ_s} dt_s x_s + D x_l      (inside the block, "y_diag")
+    Sᵀ   ← e^{Λ_last} Sᵀ + Σ_s B_s (e^{Λ_last − Λ_s} dt_s) x_sᵀ   (state passed to the next block)
+
+which is the chunked algorithm of SPEC section 2 with chunk = block. In exact arithmetic the result
+does not depend on the block length, so `chunk_size` 128 and 256 are both served by blocks of
+`block_t` (=128) steps: a chunk of 256 would need 170 KB of inputs per pipeline stage, more than
+two stages of shared memory hold. The four products run on the tensor cores in bf16 with fp32
+accumulation: CB = C·Bᵀ (64×64 tiles, causal tiles only), (CB∘L)·X, C·Sᵀ (Sᵀ rounded to bf16 for
+the product only; the carried state stays fp32) and (Bᵀ·diag(w))·X. `D·x` rides on the diagonal of
+CB∘L, so x is never read into registers.
+
+One CTA per (head, batch) walks all blocks of its sequence, so inter-block states never leave the
+chip. Three warpgroups: WG 0 and 1 compute (WG w owns output rows [64w, 64w+64) of each block and
+state rows n ∈ [64w, 64w+64)); WG 2 streams the inputs with TMA, `num_stages` blocks ahead. The
+wrapper (plain XLA, ~5 KB per token of extra traffic against ~46 KB the kernel moves) pads the
+sequence to whole blocks with dt = 0 steps (no decay, no input: the final state stays exact),
+computes the block-local cumsum Λ and transposes dt, Λ and B so that they arrive as rows.
+
+Interpret mode (`interpret=True`, CPU tests) runs the same kernel body on Mosaic GPU's interpreter
+(TMA copies, barriers, warpgroups, pipelining). The interpreter of jax 0.10 cannot take register
+operands in wgmma nor register layouts in loads, so there the products are `jnp.dot`s on the same
+shared-memory tiles and the SMEM buffers carry no swizzle; everything else is the kernel as compiled.
+
+Measured on an H200 (benchmarks/RESULTS.md, "SSD kernel"): 0.31–0.44× mamba_ssm's time at the
+BENCHMARKS.md shapes that ran, ‖Δy‖/‖y‖ ≈ 2.4e-3 against an fp32 reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from nemojax.kernels.ssd import reference
+
+f32 = jnp.float32
+_ROWS = 64  # wgmma M: every tile of rows a warpgroup owns
+_COMPUTE_WGS = 2
+_SMEM_LIMIT = 227 * 1024  # Hopper's per-block dynamic shared memory
+# Head dims compiled and checked on an H200 (BENCHMARKS.md shapes). Other multiples of 16 that fit
+# in shared memory should work but have not run on hardware, so the dispatcher keeps them on XLA.
+VERIFIED_HEAD_DIMS = (64, 80)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tuning knobs of the kernel.
+
+  Attributes:
+    block_t: time steps per pipeline step (the kernel's chunk); 128 = two warpgroups × 64 rows.
+    num_stages: input blocks in flight (shared-memory buffers of x, B, C, Λ, dt).
+    compute_registers: registers per thread for the two compute warpgroups (setmaxnreg).
+    memory_registers: registers per thread for the TMA warpgroup.
+    approx_math: fast approximate exp (ex2.approx); relative error ~1e-7, far under bf16.
+    fuse_waits: issue independent wgmmas together and wait once per group (two waits per
+      block: C·Sᵀ with the C·Bᵀ tiles; then the state and (CB∘L)·X products) instead of one
+      wait per product.
+    probe: measurements only, wrong results: "no_bc_reload" loads C and Bᵀ only for the first
+      stages (isolates their traffic), "no_compute" streams inputs and outputs without math.
+  """
+  block_t: int = 128
+  num_stages: int = 2
+  compute_registers: int = 232
+  memory_registers: int = 40
+  approx_math: bool = True
+  fuse_waits: bool = False
+  probe: str = ""
+
+  def __post_init__(self):
+    if self.block_t != _ROWS * _COMPUTE_WGS:
+      raise ValueError(f"Config.block_t must be {_ROWS * _COMPUTE_WGS}, got {self.block_t}")
+    if self.num_stages < 1:
+      raise ValueError(f"Config.num_stages must be >= 1, got {self.num_stages}")
+
+
+DEFAULT_CONFIG = Config()
+
+
+def _swizzle_for(cols: int, itemsize: int) -> int:
+  """Largest TMA/wgmma swizzle (bytes) whose row of elements divides `cols`."""
+  for sw in (128, 64, 32):
+    if cols % (sw // itemsize) == 0:
+      return sw
+  raise ValueError(f"no swizzle fits {cols} columns of {itemsize}-byte elements")
+
+
+def smem_bytes(head_dim: int, state_size: int = 128, config: Config = DEFAULT_CONFIG) -> int:
+  """Shared memory one CTA needs, for `supports` (bf16 inputs)."""
+  t, p, n = config.block_t, head_dim, state_size
+  stage = 2 * (t * p + 2 * t * n) + 4 * 2 * t  # x, C, Bᵀ in bf16; Λ, dt in fp32
+  return config.num_stages * stage + 2 * n * p + 2 * t * p + 1024  # + Sᵀ, y tiles, barriers
+
+
+def supports(*, head_dim: int, state_size: int, chunk_size: int, dtype,
+             config: Config = DEFAULT_CONFIG) -> bool:
+  """Whether the kernel handles these shapes (the dispatcher falls back to XLA otherwise)."""
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    return False
+  return (dtype == jnp.dtype(jnp.bfloat16)
+          and state_size == _ROWS * _COMPUTE_WGS
+          and head_dim in VERIFIED_HEAD_DIMS
+          and chunk_size in (128, 256)
+          and smem_bytes(head_dim, state_size, config) <= _SMEM_LIMIT)
+
+
+# --------------------------------------------------------------------------------------------
+# The few operations that differ between the compiled kernel and the interpreter.
+
+
+def _new_load_api() -> bool:
+  # jax 0.11 takes the index inside the ref (`ref.at[...]`) and deprecates the positional `idx`.
+  return inspect.signature(plgpu.load).parameters["idx"].default is not inspect.Parameter.empty
+
+
+_LOAD_NEW = _new_load_api()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ops:
+  interpret: bool
+
+  def load(self, ref, layout):
+    """Read a whole ref into registers with a wgmma-compatible layout."""
+    if self.interpret:
+      return ref[...]
+    if _LOAD_NEW:
+      return plgpu.load(ref, layout=layout)
+    return plgpu.load(ref, (), layout=layout)
+
+  def iota(self, shape, dim):
+    if self.interpret:
+      return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+  def zeros(self, shape):
+    z = jnp.zeros(shape, f32)
+    return z if self.interpret else plgpu.layout_cast(z, plgpu.Layout.WGMMA)
+
+  def run(self, fn, inits):
+    """Runs `fn(accs)`, which issues `mma`s into accumulators, and waits once for all of them.
+
+    `inits`: per accumulator, a shape (zeros) or an fp32 array in the wgmma layout.
+    """
+    inits = [self.zeros(v) if isinstance(v, tuple) else v for v in inits]
+    if self.interpret:
+      boxes = [_Box(v) for v in inits]
+      fn(boxes)
+      return [bx.value for bx in boxes]
+    return list(pl.run_state(lambda refs: fn(list(refs)))(tuple(plgpu.ACC.init(v) for v in inits)))
+
+  def mma(self, acc, a, b_ref):
+    """acc += a @ b, `a` in registers (bf16), `b` a shared-memory tile, fp32 accumulation."""
+    if self.interpret:
+      acc.value = acc.value + jnp.dot(a, b_ref[...], preferred_element_type=f32)
+    else:
+      plgpu.wgmma(acc, a, b_ref)
+
+
+class _Box:
+  """A mutable accumulator for the interpreter's stand-in of wgmma."""
+
+  def __init__(self, value):
+    self.value = value
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel.
+
+
+def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpret: bool):
+  T = config.block_t
+  nc = t // T
+  r = h // g
+  S = min(config.num_stages, nc)
+  ops = _Ops(interpret)
+  WG = plgpu.Layout.WGMMA
+  ROW, COL = WG.reduce(1), WG.reduce(0)  # vectors along rows (per l) / along columns (per s)
+
+  def smem(shape, dt, cols=None):
+    if interpret or cols is None:
+      return plgpu.SMEM(shape, dt)
+    sw = _swizzle_for(cols, jnp.dtype(dt).itemsize)
+    tr = (plgpu.TilingTransform((8, sw // jnp.dtype(dt).itemsize)), plgpu.SwizzleTransform(sw))
+    return plgpu.SMEM(shape, dt, transforms=tr)
+
+  scratch = dict(
+      x_s=smem((S, T, p), dtype, p),        # [stage, l, p]
+      c_s=smem((S, T, n), dtype, n),        # [stage, l, n]
+      bt_s=smem((S, n, T), dtype, T),       # [stage, n, s]
+      lam_s=plgpu.SMEM((S, T), f32),        # Λ [stage, l]
+      dt_s=plgpu.SMEM((S, T), f32),         # dt [stage, s]
+      st_s=smem((n, p), dtype, p),          # Sᵀ entering the block, bf16 for the C·Sᵀ product
+      y_s=smem((_COMPUTE_WGS, _ROWS, p), dtype, p),
+      in_bar=plgpu.Barrier(num_arrivals=5, num_barriers=S),
+      free_bar=plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=S),
+      st_ready=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+      st_read=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+      init_bar=plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
+  )
+
+  def body(x_ref, bt_ref, c_ref, lam_ref, dt_ref, d_ref, init_ref, y_ref, fin_ref, *,
+           x_s, c_s, bt_s, lam_s, dt_s, st_s, y_s, in_bar, free_bar, st_ready, st_read,
+           init_bar):
+    hi = lax.axis_index("h")
+    bi = lax.axis_index("b")
+    gi = lax.div(hi, jnp.int32(r))
+    wg = lax.axis_index("wg")
+
+    def fetch(c, slot, first=True):
+      rows = pl.ds(c * T, T)
+      bar = in_bar.at[slot]
+      plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi, :], x_s.at[slot], bar)
+      if first or config.probe != "no_bc_reload":
+        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi, :], c_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(bt_ref.at[bi, gi, :, rows], bt_s.at[slot], bar)
+      else:
+        plgpu.barrier_arrive(bar)
+        plgpu.barrier_arrive(bar)
+      plgpu.copy_gmem_to_smem(lam_ref.at[bi, hi, rows], lam_s.at[slot], bar)
+      plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_s.at[slot], bar)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory_wg():
+      if not interpret:
+        plgpu.set_max_registers(config.memory_registers, action="decrease")
+      for c in range(S):
+        fetch(c, c)
+
+      def step(c, carry):
+        slot = lax.rem(c, S)
+        plgpu.barrier_wait(free_bar.at[slot])
+        fetch(c, slot, first=False)
+        return carry
+      lax.fori_loop(S, nc, step, None)
+      # Observe the last releases too: the barrier protocol (and the interpreter) wants every
+      # completed phase waited for by the threads that wait on it.
+      for c in range(max(nc, S), nc + S):
+        plgpu.barrier_wait(free_bar.at[c % S])
+
+    def compute(w: int):
+      """Warpgroup `w`: output rows [64w, 64w+64) of each block, state rows [64w, 64w+64)."""
+      if not interpret:
+        plgpu.set_max_registers(config.compute_registers, action="increase")
+      own = pl.ds(w * _ROWS, _ROWS)
+      d = d_ref[hi]
+      if has_init:
+        # The fp32 state arrives as three bf16 pieces (hi + mid + lo = the fp32 value; 3 × 8
+        # mantissa bits), staged through this warpgroup's output tile: no shared memory is left
+        # for an fp32 tile, and registers cannot be loaded from global memory in wgmma layout.
+        state = ops.zeros((_ROWS, p))
+        for k in range(3):
+          plgpu.copy_gmem_to_smem(init_ref.at[k, bi, hi, own, :], y_s.at[w], init_bar.at[w])
+          plgpu.barrier_wait(init_bar.at[w])
+          state = state + ops.load(y_s.at[w], WG).astype(f32)
+          if not interpret:
+            plgpu.commit_smem()  # reads of the tile done before the next copy overwrites it
+      else:
+        state = ops.zeros((_ROWS, p))
+
+      def block(c, state):
+        slot = lax.rem(c, S)
+        plgpu.barrier_wait(in_bar.at[slot])
+        x_t, c_t, bt_t = x_s.at[slot], c_s.at[slot], bt_s.at[slot]
+        lam_t, dt_t = lam_s.at[slot], dt_s.at[slot]
+        if config.probe == "no_compute":
+          plgpu.barrier_arrive(free_bar.at[slot])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          y_s.at[w][...] = state.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(y_s.at[w], y_ref.at[bi, pl.ds(c * T + w * _ROWS, _ROWS), hi, :])
+          return state
+
+        # Publish the entering state (bf16) for both warpgroups' C·Sᵀ, once both are done
+        # reading the previous one.
+        @pl.when(c > 0)
+        def _():
+          plgpu.barrier_wait(st_read)
+        st_s.at[own][...] = state.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(st_ready)
+        plgpu.barrier_wait(st_ready)
+
+        c_own = ops.load(c_t.at[own], WG)                              # [l, n] bf16
+        lam_l = ops.load(lam_t.at[own], ROW)                           # [l]
+        srcs = [pl.ds(j * _ROWS, _ROWS) for j in range(w + 1)]  # causal: tiles up to the diagonal
+
+        def masked(cb, j):
+          """CB∘L for source tile j: L[l, s] = e^{Λ_l − Λ_s} dt_s for s ≤ l, D on the diagonal."""
+          shape = cb.shape
+          seg = (lax.broadcast_in_dim(lam_l, shape, [0])
+                 - lax.broadcast_in_dim(ops.load(lam_t.at[srcs[j]], COL), shape, [1]))
+          # min(·, 0): above the diagonal the difference is positive and exp could overflow.
+          pm = (cb * jnp.exp(jnp.minimum(seg, 0.0))
+                * lax.broadcast_in_dim(ops.load(dt_t.at[srcs[j]], COL), shape, [1]))
+          if j == w:
+            li, si = ops.iota(shape, 0), ops.iota(shape, 1)
+            pm = jnp.where(li > si, pm, jnp.where(li == si, pm + d, 0.0))
+          return pm.astype(dtype)
+
+        def state_operand():
+          """Bᵀ diag(w) for own state rows, w_s = e^{Λ_last − Λ_s} dt_s (bf16, registers)."""
+          wv = jnp.exp(lam_last - ops.load(lam_t, COL)) * ops.load(dt_t, COL)
+          bt_own = ops.load(bt_t.at[own], WG).astype(f32)               # [n(own), s]
+          return (bt_own * lax.broadcast_in_dim(wv, bt_own.shape, [1])).astype(dtype)
+
+        lam_last = lam_t[T - 1]
+        if config.fuse_waits:
+          def products(accs):
+            ops.mma(accs[0], c_own, st_s)                                # C·Sᵀ [l, p]
+            for j, src in enumerate(srcs):
+              ops.mma(accs[1 + j], c_own, bt_t.at[:, src])               # C·Bᵀ [l, s]
+          y, *cbs = ops.run(products, [(_ROWS, p)] + [(_ROWS, _ROWS)] * len(srcs))
+          plgpu.barrier_arrive(st_read)
+          y = y * lax.broadcast_in_dim(jnp.exp(lam_l), y.shape, [0])
+          pms = [masked(cb, j) for j, cb in enumerate(cbs)]
+          a_op = state_operand()
+
+          def updates(accs):  # every register operand is ready before the first issue
+            ops.mma(accs[0], a_op, x_t)                                  # Sᵀ += (Bᵀ diag w) X
+            for pm, src in zip(pms, srcs):
+              ops.mma(accs[1], pm, x_t.at[src])                          # y += (CB∘L)·X
+          state, y = ops.run(updates, [state * jnp.exp(lam_last), y])
+        else:
+          y, = ops.run(lambda accs: ops.mma(accs[0], c_own, st_s), [(_ROWS, p)])
+          plgpu.barrier_arrive(st_read)
+          y = y * lax.broadcast_in_dim(jnp.exp(lam_l), y.shape, [0])
+          for j, src in enumerate(srcs):
+            cb, = ops.run(lambda accs: ops.mma(accs[0], c_own, bt_t.at[:, src]),
+                          [(_ROWS, _ROWS)])
+            pm = masked(cb, j)
+            y, = ops.run(lambda accs: ops.mma(accs[0], pm, x_t.at[src]), [y])
+          a_op = state_operand()
+          state, = ops.run(lambda accs: ops.mma(accs[0], a_op, x_t), [state * jnp.exp(lam_last)])
+        plgpu.barrier_arrive(free_bar.at[slot])
+
+        # Output rows: the previous TMA store from this tile must have read it.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        y_s.at[w][...] = y.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_s.at[w], y_ref.at[bi, pl.ds(c * T + w * _ROWS, _ROWS), hi, :])
+        return state
+
+      state = lax.fori_loop(0, nc, block, state)
+      if config.probe != "no_compute":
+        plgpu.barrier_wait(st_read)  # the last block's release (see the memory warpgroup)
+      fin_ref.at[bi, hi, own, :][...] = state
+      plgpu.wait_smem_to_gmem(0)
+
+    for w in range(_COMPUTE_WGS):
+      pl.when(wg == w)(functools.partial(compute, w))
+
+  def entry(*refs):
+    return body(*refs[:9], **refs[9])
+
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
+    interp = interpret_params.InterpretGPUParams()
+    compiler_params = None
+  else:
+    interp = None
+    compiler_params = plgpu.CompilerParams(approx_math=config.approx_math)
+
+  return plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct((b, t, h, p), dtype),
+                jax.ShapeDtypeStruct((b, h, n, p), f32)),
+      scratch_types=[scratch],
+      grid=(h, b),
+      grid_names=("h", "b"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=compiler_params,
+      interpret=interp,
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# Wrapper: layout preparation in XLA, then the kernel.
+
+
+def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
+  b, t, h, p, g, n = reference._check_shapes(x, dt, A, B, C, D, initial_state)
+  dtype = x.dtype
+  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+    raise ValueError(f"ssd (pallas): x must be bfloat16, got {dtype}; "
+                     "use implementation='xla' for other dtypes")
+  if not supports(head_dim=p, state_size=n, chunk_size=128, dtype=dtype, config=config):
+    raise ValueError(f"ssd (pallas): unsupported shapes head_dim={p}, state_size={n}; the kernel "
+                     f"takes state size 128 and head dims {VERIFIED_HEAD_DIMS}")
+  if t == 0:
+    raise ValueError("ssd: the sequence is empty (time dimension 0)")
+  T = config.block_t
+  pad = (-t) % T
+  tp = t + pad
+  pad_t = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)) if pad else v
+
+  xk = pad_t(x)
+  Bk = pad_t(B.astype(dtype))
+  Ck = pad_t(C.astype(dtype))
+  dtf = pad_t(dt.astype(f32))                                   # [b, t, h]; padded steps dt = 0
+  a = dtf * A.astype(f32)
+  lam = jnp.cumsum(a.reshape(b, tp // T, T, h), axis=2).reshape(b, tp, h)
+  lam_t = jnp.transpose(lam, (0, 2, 1))                         # [b, h, t]
+  dt_t = jnp.transpose(dtf, (0, 2, 1))                          # [b, h, t]
+  bt = jnp.transpose(Bk, (0, 2, 3, 1))                          # [b, g, n, t]
+  d = jnp.zeros((h,), f32) if D is None else D.astype(f32)
+  has_init = initial_state is not None
+  if has_init:  # Sᵀ [b, h, n, p] split exactly into three bf16 pieces
+    s32 = jnp.transpose(initial_state.astype(f32), (0, 1, 3, 2))
+    pieces = []
+    for _ in range(3):
+      pieces.append(s32.astype(jnp.bfloat16))
+      s32 = s32 - pieces[-1].astype(f32)
+    init = jnp.stack(pieces)                                    # [3, b, h, n, p]
+  else:
+    init = jnp.zeros((3, 1, 1, n, p), jnp.bfloat16)
+
+  kernel = _build_kernel(b=b, t=tp, h=h, p=p, g=g, n=n, dtype=dtype, has_init=has_init,
+                         config=config, interpret=interpret)
+  y, fin_t = kernel(xk, bt, Ck, lam_t, dt_t, d, init)
+  if pad:
+    y = y[:, :t]
+  return y, jnp.transpose(fin_t, (0, 1, 3, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
+  del chunk_size  # the kernel's chunk is config.block_t; see the module docstring
+  return _forward(x, dt, A, B, C, D, initial_state, config, interpret)
+
+
+def _ssd_fwd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
+  out = _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret)
+  return out, (x, dt, A, B, C, D, initial_state)
+
+
+def _ssd_bwd(chunk_size, config, interpret, res, cotangents):
+  # Backward through the XLA chunked reference (same function); a Pallas backward can come later.
+  del config, interpret
+  x, dt, A, B, C, D, initial_state = res
+
+  def ref(x, dt, A, B, C, D, initial_state):
+    return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
+
+  _, vjp = jax.vjp(ref, x, dt, A, B, C, D, initial_state)
+  return vjp(cotangents)
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
+        config: Config | None = None, interpret: bool = False):
+  """The SSD scan on the fused Mosaic GPU kernel; contract of `reference.ssd_naive`.
+
+  Args:
+    x: [b, t, h, p] bf16.
+    dt: [b, t, h], positive (after softplus).
+    A: [h], negative.
+    B, C: [b, t, g, n], cast to x.dtype for the tensor cores.
+    D: [h] or None.
+    initial_state: [b, h, p, n] or None.
+    chunk_size: accepted for the dispatcher's contract; the kernel always works in blocks of
+      `config.block_t` steps (the result does not depend on the chunk length beyond rounding).
+    config: tuning knobs (`Config`).
+    interpret: run on Mosaic GPU's CPU interpreter (tests).
+
+  Returns:
+    y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32. Differentiable: the
+    backward pass runs the XLA chunked reference.
+  """
+  config = DEFAULT_CONFIG if config is None else config
+  return _ssd(x, dt, A, B, C, D, initial_state, int(chunk_size), config, bool(interpret))
