@@ -1,0 +1,80 @@
+"""The `nemojax` command end to end (subprocesses) on a tiny converted model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nemojax import NemotronHConfig
+from nemojax import testing as T
+from nemojax.tokenizer import build_tokenizer
+
+CORPUS = ["What is 12 + 30? Let me add the units first, then the tens.\n",
+          "The answer is 42. Think step by step.\n"] * 30
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """A tiny HF checkpoint with a tokenizer, converted with `nemojax convert`."""
+  hf_dir = tmp_path_factory.mktemp("hf")
+  tok = build_tokenizer(CORPUS, 320, hf_dir)
+  model = T.make_hf_model(NemotronHConfig.tiny(vocab_size=tok.vocab_size), seed=5)
+  T.save_hf(model, hf_dir)
+  out = tmp_path_factory.mktemp("conv") / "model"
+  r = _run(["convert", str(hf_dir), str(out)])
+  assert r.returncode == 0, r.stderr
+  return out
+
+
+def _run(args, stdin=None, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "nemojax", *args], input=stdin, text=True,
+                        capture_output=True, timeout=timeout, env=env)
+
+
+def test_help_lists_every_command_and_option():
+  r = _run(["--help"])
+  assert r.returncode == 0
+  for cmd in ("convert", "export", "generate", "chat"):
+    assert cmd in r.stdout
+  r = _run(["generate", "--help"])
+  assert r.returncode == 0
+  for flag in ("--model", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed",
+               "--think", "--no-think", "--thinking-budget", "--budget-policy", "--stop",
+               "--show-reasoning", "--system", "--dtype"):
+    assert flag in r.stdout
+
+
+def test_generate_streams_reasoning_and_answer(converted):
+  r = _run(["generate", "--model", str(converted), "What is 12 + 30?", "--max-new-tokens", "12",
+            "--thinking-budget", "4", "--temperature", "0"])
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith("[thinking]\n")
+  assert "[answer]" in r.stdout
+  assert "reasoning tokens" in r.stderr
+
+
+def test_generate_batch_and_no_think(converted):
+  r = _run(["generate", "--model", str(converted), "one", "two", "--no-think",
+            "--max-new-tokens", "6", "--no-show-reasoning"])
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.count("[answer]") == 2 and "[thinking]" not in r.stdout
+
+
+def test_chat_from_stdin(converted):
+  r = _run(["chat", "--model", str(converted), "--max-new-tokens", "6", "--temperature", "0"],
+           stdin="hello there\n/no_think and now?\n/reset\nagain\n/exit\nignored\n")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.count("assistant> ") == 3
+  assert "(history cleared)" in r.stderr
+
+
+def test_missing_model_is_a_one_line_error(tmp_path):
+  r = _run(["generate", "--model", str(tmp_path / "nope"), "hi"])
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1].startswith("nemojax: error:")
+  assert "no such model directory" in r.stderr
+  (tmp_path / "empty").mkdir()
+  r = _run(["generate", "--model", str(tmp_path / "empty"), "hi"])
+  assert r.returncode == 1 and "not a model directory" in r.stderr
