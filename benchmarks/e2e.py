@@ -20,7 +20,6 @@ seconds, to check the script before spending device time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os

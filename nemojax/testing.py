@@ -14,6 +14,16 @@ import numpy as np
 
 from nemojax.config import NemotronHConfig
 
+# Tiny configurations the tests share: all three layer types, n_groups > 1, head dims and states
+# that are not powers of two; "odd" also starts with attention and uses 3 groups of 3 heads.
+CONFIGS = {
+    "tiny": NemotronHConfig.tiny(),
+    "odd": NemotronHConfig.tiny(
+        hybrid_override_pattern="*M-MM-*M", hidden_size=36, intermediate_size=52,
+        num_attention_heads=6, num_key_value_heads=3, head_dim=20, mamba_num_heads=9,
+        mamba_head_dim=6, ssm_state_size=7, n_groups=3, chunk_size=16, vocab_size=199),
+}
+
 # Tolerances of the project, one table per dtype: ‖Δ‖/‖ref‖ against a float32 reference.
 RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
 

@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nemojax import NemotronH, NemotronHConfig
+from nemojax import NemotronH
 from nemojax.cache import KVState, MambaState
+from nemojax import testing as T
 from nemojax.testing import rel_err
 
-CONFIGS = {
-    "tiny": NemotronHConfig.tiny(),
-    "odd": NemotronHConfig.tiny(
-        hybrid_override_pattern="*M-MM-*M", hidden_size=36, intermediate_size=52,
-        num_attention_heads=6, num_key_value_heads=3, head_dim=20, mamba_num_heads=9,
-        mamba_head_dim=6, ssm_state_size=7, n_groups=3, chunk_size=16, vocab_size=199),
-}
+CONFIGS = T.CONFIGS
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -1,7 +1,6 @@
 """nemojax.generate: prompt forms, streaming, stop strings and per-row thinking budgets."""
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -6,18 +6,9 @@ import pytest
 import torch
 
 import nemojax
-from nemojax import NemotronHConfig
 from nemojax import testing as T
 
-CONFIGS = {
-    # all three layer types, 2 groups, head dim 10, state 12, chunk 8
-    "tiny": NemotronHConfig.tiny(),
-    # starts with attention, 3 groups of 3 heads, odd sizes everywhere, chunk 16
-    "odd": NemotronHConfig.tiny(
-        hybrid_override_pattern="*M-MM-*M", hidden_size=36, intermediate_size=52,
-        num_attention_heads=6, num_key_value_heads=3, head_dim=20, mamba_num_heads=9,
-        mamba_head_dim=6, ssm_state_size=7, n_groups=3, chunk_size=16, vocab_size=199),
-}
+CONFIGS = T.CONFIGS
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

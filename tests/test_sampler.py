@@ -13,10 +13,7 @@ from nemojax import NemotronHConfig, sampling
 from nemojax import testing as T
 from nemojax.sampler import Sampler, ThinkingControl
 
-ODD = NemotronHConfig.tiny(
-    hybrid_override_pattern="*M-MM-*M", hidden_size=36, intermediate_size=52,
-    num_attention_heads=6, num_key_value_heads=3, head_dim=20, mamba_num_heads=9,
-    mamba_head_dim=6, ssm_state_size=7, n_groups=3, chunk_size=16, vocab_size=199)
+ODD = T.CONFIGS["odd"]
 
 
 @pytest.fixture(scope="module")
