@@ -32,7 +32,8 @@ class Generation:
     tokens: generated token ids (a stop token included, as it was generated).
     reasoning: the thought before `</think>` (None when reasoning was off).
     answer: the text after `</think>` (all of `text` when reasoning was off).
-    num_reasoning_tokens: tokens spent inside the thought (`</think>` included).
+    num_reasoning_tokens: tokens generated inside the thought (`</think>` and forced text
+      excluded).
     finish_reason: "stop" (stop token or string) or "length" (max_new_tokens reached).
   """
 
@@ -165,11 +166,12 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
   if stop_tokens is None:
     stop_tokens = tokenizer.eos_ids if tokenizer is not None else model.config.eos_token_ids
   control = None
-  if tokenizer is not None and any(o and b is not None for o, b in zip(opens, budgets)):
+  if tokenizer is not None and any(opens):  # also counts reasoning tokens without a budget
     control = ThinkingControl(
         close_marker=tuple(tokenizer.think_tokens().close),
         close_text=tuple(tokenizer.budget_close_ids()),
-        newline_mask=tokenizer.newline_token_mask(model.config.vocab_size))
+        newline_mask=(tokenizer.newline_token_mask(model.config.vocab_size)
+                      if budget_policy == "newline" else None))
   elif any(o and b is not None for o, b in zip(opens, budgets)):
     raise ValueError("a thinking budget needs tokenizer= (to know the </think> tokens)")
 

@@ -57,8 +57,11 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
   g = subparsers.add_parser(
       "generate", help="generate a reply to one or more prompts",
-      description="Generate replies with a Nemotron-H model, streaming to the terminal.")
-  g.add_argument("prompt", nargs="+", help="prompt text (several: one batch)")
+      description="Generate replies with a Nemotron-H model, streaming to the terminal. Without "
+                  "--model it runs the built-in demo model, which answers one kind of question: "
+                  "'What is the last digit of 7 × 8 × 3 × 9?' (× or +, 3 to 7 single digits).")
+  g.add_argument("prompt", nargs="*",
+                 help="prompt text (several: one batch; none: the demo question, demo model only)")
   _add_generation_flags(g)
   g.set_defaults(func=run_generate)
   c = subparsers.add_parser(
@@ -166,6 +169,12 @@ def _messages(prompt: str, system: str | None) -> list[dict]:
 
 def run_generate(args, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
   import nemojax  # noqa: PLC0415
+  if not args.prompt:
+    if args.model is not None:
+      print("nemojax generate: error: give a prompt", file=err)
+      return 2
+    from nemojax.demo import DEMO_QUESTION  # noqa: PLC0415
+    args.prompt = [DEMO_QUESTION]
   model, tok = _load(args, err)
   chats = [_messages(p, args.system) for p in args.prompt]
   try:

@@ -110,7 +110,10 @@ def _decode_segment(graphdef, params, state: LoopState, cfg: LoopConfig, seg_end
     force_done = forced & (next_forcing >= c)
     next_forcing = jnp.where(force_done, -1, next_forcing)
     thinking = st.thinking & ~wrote_close & ~force_done
-    think_count = st.think_count + (st.thinking & ~forced).astype(jnp.int32)
+    # Reasoning tokens: sampled inside the thought, the `</think>` pieces themselves excluded.
+    m = cfg.close_marker.shape[0]
+    think_count = (st.think_count + (st.thinking & ~forced).astype(jnp.int32)
+                   - jnp.where(st.thinking & ~forced & wrote_close, m, 0))
 
     stop = ~forced & jnp.any(tok[:, None] == cfg.stop_ids[None, :], axis=-1)
     slot = jnp.minimum(st.count, n - 1)

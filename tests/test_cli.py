@@ -78,3 +78,14 @@ def test_missing_model_is_a_one_line_error(tmp_path):
   (tmp_path / "empty").mkdir()
   r = _run(["generate", "--model", str(tmp_path / "empty"), "hi"])
   assert r.returncode == 1 and "not a model directory" in r.stderr
+
+
+def test_default_demo_model_runs_offline():
+  """The README's main job: no --model, the built-in demo model reasons, then answers."""
+  r = _run(["generate", "What is the last digit of 7 × 8 × 3 × 9?"])
+  assert r.returncode == 0, r.stderr
+  assert "built-in demo model" in r.stderr
+  assert r.stdout.startswith("[thinking]\n") and "\n[answer]\nThe last digit is" in r.stdout
+  r = _run(["generate", "--temperature", "0"])  # no prompt: the demo question
+  assert "7 × 8 = 56\n6 × 3 = 18\n8 × 9 = 72" in r.stdout
+  assert "The last digit is 2." in r.stdout

@@ -124,3 +124,16 @@ def test_errors(multi):
     nemojax.generate(model, "hello", tokenizer=tok, max_new_tokens=0)
   with pytest.raises(ValueError, match="top_p"):
     nemojax.generate(model, "hello", tokenizer=tok, top_p=1.5)
+
+
+def test_reasoning_tokens_are_counted_without_a_budget():
+  from nemojax.demo import DEMO_QUESTION, demo_model_path
+  path = demo_model_path()
+  model = nemojax.load(path, dtype=jnp.float32)
+  tok = nemojax.Tokenizer.from_pretrained(path)
+  g = nemojax.generate(model, DEMO_QUESTION, tokenizer=tok, temperature=0.0,
+                       max_new_tokens=96)[0]
+  close = tok.think_tokens().close
+  assert len(close) == 1
+  assert g.num_reasoning_tokens == g.tokens.index(close[0]) > 0
+  assert g.answer == "The last digit is 2." and g.finish_reason == "stop"

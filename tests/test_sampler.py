@@ -198,7 +198,7 @@ def test_model_written_close_ends_the_thought(sampler):
   r = sampler([prompt], max_new_tokens=10, thinking=True, thinking_budget=8,
               thinking_control=ctl)[0]
   assert r.tokens == free  # nothing forced
-  assert r.num_reasoning_tokens == free.index(free[2]) + 1  # the thought, `</think>` included
+  assert r.num_reasoning_tokens == free.index(free[2])  # the thought, `</think>` excluded
 
 
 @pytest.mark.parametrize("kwargs,match", [
