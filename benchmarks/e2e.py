@@ -10,7 +10,10 @@ Parts (comma-separated `--parts`):
   prefill   nemojax prefill at 8k with the XLA and the Pallas SSD (time, tokens/s, TTFT).
   long      a 131072-token prompt + 256 new tokens at batch 1: TTFT and peak device memory.
   decode    decode step time at batch 1/8/64 and contexts 1k/8k/32k/128k (cache contents random:
-            the work of a step depends on the context length, not on the values).
+            the work of a step depends on the context length, not on the values; the cache is
+            sized to the context plus the new tokens, as the Sampler sizes it).
+  profile   jax.profiler traces of a few decode steps and one prefill, summarised: GPU busy
+            time against wall time and the kernels that take the most time.
 
 Every time is a median over repeats after warm-up; compile time is reported separately. Results
 go to OUT/e2e.json and a table is printed last. `--config tiny` runs everything on the CPU in
@@ -20,6 +23,7 @@ seconds, to check the script before spending device time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -68,6 +72,39 @@ def peak_bytes():
 
 
 # ------------------------------------------------------------------------------------------------
+def random_model(cfg, dtype=jnp.bfloat16):
+  """The 9B-v2 shape with random weights, made one tensor at a time directly in its dtype.
+
+  Like `nemojax.load`, device memory peaks at the weights plus one tensor's temporaries, so the
+  peak measured by `long` is the program's, not the initialiser's (the modules' own initialiser
+  draws float32 first). Values: weights ~ N(0, 1/fan_in), A_log = log U(1, 16), dt_bias ~ N(-3, 1),
+  D and norm scales 1.
+  """
+  abstract = nnx.eval_shape(lambda: nemojax.NemotronH(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  leaves, treedef = jax.tree.flatten_with_path(state)
+
+  @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+  def draw(key, shape, dt, kind):
+    if kind == "A_log":
+      return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dt)
+    if kind == "dt_bias":
+      return (jax.random.normal(key, shape, jnp.float32) - 3.0).astype(dt)
+    if kind == "ones":
+      return jnp.ones(shape, dt)
+    scale = 1.0 / math.sqrt(shape[-1])
+    return (jax.random.normal(key, shape, dt) * jnp.asarray(scale, dt)).astype(dt)
+
+  values = []
+  for i, (path, leaf) in enumerate(leaves):
+    name = jax.tree_util.keystr(path)
+    kind = ("A_log" if "A_log" in name else "dt_bias" if "dt_bias" in name
+            else "ones" if leaf.ndim == 1 else "weight")
+    values.append(jax.block_until_ready(
+        draw(jax.random.key(i), tuple(leaf.shape), jnp.dtype(leaf.dtype), kind)))
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+
+
 def hf_random_model(cfg, dtype_name, device):
   import torch
   from nemojax import testing as T
@@ -194,22 +231,24 @@ def part_prefill(model, cfg, args):
   ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, L)).tolist()
   for impl in args.impls:
     model.set_ssd_implementation(impl)
-    smp = S.Sampler(model, prefill_chunk=min(args.prefill_chunk, L), cache_size=L + 512)
-    try:
-      t = time.perf_counter()
-      smp(ids, max_new_tokens=1)
-      compile_s = time.perf_counter() - t
-      ttft = median_time(lambda: smp(ids, max_new_tokens=1)[0].tokens, repeats=3, warmup=0)
-    except Exception as e:  # record, do not abort the whole run
-      out[impl] = {"error": f"{type(e).__name__}: {e}"[:400]}
-      log(impl, "failed:", out[impl]["error"])
-      continue
-    roof = prefill_roofline_s(1, L)
-    out[impl] = dict(compile_s=compile_s, ttft_ms=1e3 * ttft, tok_per_s=L / ttft,
-                     roofline_ms=1e3 * roof, efficiency=roof / ttft)
-    ROWS.append((f"prefill {L} ({impl}) TTFT", f"{1e3 * ttft:.1f} ms", f"{L / ttft:,.0f} tok/s",
-                 f"{1e3 * roof:.1f} ms", f"{roof / ttft:.2f}"))
-    log(impl, out[impl])
+    for chunk in args.prefill_chunks:
+      name = f"{impl}_chunk{min(chunk, L)}"
+      smp = S.Sampler(model, prefill_chunk=min(chunk, L), cache_size=L + 512)
+      try:
+        t = time.perf_counter()
+        smp(ids, max_new_tokens=1)
+        compile_s = time.perf_counter() - t
+        ttft = median_time(lambda: smp(ids, max_new_tokens=1)[0].tokens, repeats=3, warmup=0)
+      except Exception as e:  # record, do not abort the whole run
+        out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        log(name, "failed:", out[name]["error"])
+        continue
+      roof = prefill_roofline_s(1, L)
+      out[name] = dict(compile_s=compile_s, ttft_ms=1e3 * ttft, tok_per_s=L / ttft,
+                       roofline_ms=1e3 * roof, efficiency=roof / ttft)
+      ROWS.append((f"prefill {L} ({impl}, chunks of {min(chunk, L)}) TTFT", f"{1e3 * ttft:.1f} ms",
+                   f"{L / ttft:,.0f} tok/s", f"{1e3 * roof:.1f} ms", f"{roof / ttft:.2f}"))
+      log(name, out[name])
   model.set_ssd_implementation(None)
   RESULTS["prefill"] = out
 
@@ -217,7 +256,7 @@ def part_prefill(model, cfg, args):
 def part_long(model, cfg, args):
   L, new = args.long_len, args.long_new
   ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, L)).tolist()
-  smp = S.Sampler(model, prefill_chunk=args.prefill_chunk, cache_size=L + new + 256)
+  smp = S.Sampler(model, prefill_chunk=args.long_chunk, cache_size=L + new + 256)
   t = time.perf_counter()
   res = smp(ids, max_new_tokens=new)  # first call: includes compilation
   first = time.perf_counter() - t
@@ -225,9 +264,22 @@ def part_long(model, cfg, args):
   smp(ids, max_new_tokens=1)
   ttft = time.perf_counter() - t
   roof = prefill_roofline_s(1, L)
-  out = dict(prompt=L, new_tokens=len(res[0].tokens), first_call_s=first, ttft_s=ttft,
+  out = dict(prompt=L, chunk=args.long_chunk, new_tokens=len(res[0].tokens),
+             first_call_s=first, ttft_s=ttft,
              ttft_roofline_s=roof, ttft_over_roofline=ttft / roof,
              peak_device_gib=peak_bytes() / 2**30)
+  # Device memory the compiled prefill program needs beyond its arguments, per chunk size.
+  graphdef, params = nnx.split(model)
+  st = S.structure(graphdef)
+  cache = jax.eval_shape(lambda: model.init_cache(1, L + new + 256))
+  for chunk in sorted({args.long_chunk, 2 * args.long_chunk}):
+    ids_abs = jax.ShapeDtypeStruct((1, chunk), jnp.int32)
+    try:
+      mem = S._prefill_jit.lower(st, params, cache, ids_abs).compile().memory_analysis()
+      out[f"prefill_chunk{chunk}_temp_gib"] = mem.temp_size_in_bytes / 2**30
+      out[f"prefill_chunk{chunk}_args_gib"] = mem.argument_size_in_bytes / 2**30
+    except Exception as e:  # memory_analysis is best effort on some backends
+      out[f"prefill_chunk{chunk}_temp_gib"] = f"{type(e).__name__}: {e}"[:200]
   RESULTS["long"] = out
   ROWS.append((f"prompt {L} + {new} new: TTFT", f"{ttft:.2f} s", f"{L / ttft:,.0f} tok/s",
                f"{roof:.2f} s", f"{roof / ttft:.2f}"))
@@ -256,36 +308,43 @@ def decode_roofline_s(b, ctx):
   return (16.60e9 + b * (2 * 141.6e6 + 3.98e6 + ctx * 16384)) / HBM
 
 
+def decode_inputs(model, cfg, b, ctx, steps):
+  """A loop state whose cache holds `ctx` random tokens, sized as the Sampler would size it."""
+  s_max = -(-(ctx + 2 * steps + 64) // 256) * 256
+  cache = random_cache(model, b, s_max, ctx, jax.random.key(b * 7 + ctx))
+  state = S.LoopState(
+      cache=cache, last=jnp.ones((b,), jnp.int32), tokens=jnp.zeros((b, 2 * steps), jnp.int32),
+      count=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
+      reason=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
+      thinking=jnp.zeros((b,), bool), think_count=jnp.zeros((b,), jnp.int32),
+      forcing=jnp.full((b,), -1, jnp.int32), recent=jnp.full((b, 1), -1, jnp.int32))
+  lcfg = S.LoopConfig(
+      max_new=jnp.full((b,), 2 * steps, jnp.int32), temperature=jnp.zeros((b,)),
+      top_k=jnp.zeros((b,), jnp.int32), top_p=jnp.ones((b,)),
+      key=jax.random.key_data(jax.random.key(0)), stop_ids=jnp.full((8,), -1, jnp.int32),
+      budget=jnp.full((b,), -1, jnp.int32), grace=jnp.full((b,), -1, jnp.int32),
+      newline=jnp.zeros((cfg.vocab_size,), bool), close_text=jnp.zeros((1,), jnp.int32),
+      close_marker=jnp.full((1,), -2, jnp.int32))
+  return state, lcfg
+
+
 def part_decode(model, cfg, args):
   graphdef, params = nnx.split(model)
+  st = S.structure(graphdef)
   out = {}
   steps = args.decode_steps
   for b in args.batches:
-    ctxs = [c for c in args.contexts if b * c * 16384 + b * 150e6 <= args.max_state_bytes]
-    if not ctxs:
-      continue
-    s_max = max(ctxs) + steps + 64
-    for ctx in ctxs:
-      cache = random_cache(model, b, s_max, ctx, jax.random.key(b * 7 + ctx))
-      state = S.LoopState(
-          cache=cache, last=jnp.ones((b,), jnp.int32), tokens=jnp.zeros((b, 2 * steps), jnp.int32),
-          count=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
-          reason=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
-          thinking=jnp.zeros((b,), bool), think_count=jnp.zeros((b,), jnp.int32),
-          forcing=jnp.full((b,), -1, jnp.int32), recent=jnp.full((b, 1), -1, jnp.int32))
-      lcfg = S.LoopConfig(
-          max_new=jnp.full((b,), 2 * steps, jnp.int32), temperature=jnp.zeros((b,)),
-          top_k=jnp.zeros((b,), jnp.int32), top_p=jnp.ones((b,)),
-          key=jax.random.key_data(jax.random.key(0)), stop_ids=jnp.full((8,), -1, jnp.int32),
-          budget=jnp.full((b,), -1, jnp.int32), grace=jnp.full((b,), -1, jnp.int32),
-          newline=jnp.zeros((cfg.vocab_size,), bool), close_text=jnp.zeros((1,), jnp.int32),
-          close_marker=jnp.full((1,), -2, jnp.int32))
+    for ctx in args.contexts:
+      if b * ctx * 16384 + b * 150e6 > args.max_state_bytes:
+        continue
+      state, lcfg = decode_inputs(model, cfg, b, ctx, steps)
       t = time.perf_counter()
-      state = S._decode_jit(graphdef, params, state, lcfg, jnp.int32(1))  # compile + 1 step
+      # compile + 1 step
+      state = S._decode_jit(st, params, state, lcfg, jnp.int32(1), "greedy")
       jax.block_until_ready(state.tokens)
       compile_s = time.perf_counter() - t
       t = time.perf_counter()
-      state = S._decode_jit(graphdef, params, state, lcfg, jnp.int32(1 + steps))
+      state = S._decode_jit(st, params, state, lcfg, jnp.int32(1 + steps), "greedy")
       jax.block_until_ready(state.tokens)
       per_step = (time.perf_counter() - t) / steps
       roof = decode_roofline_s(b, ctx)
@@ -295,21 +354,137 @@ def part_decode(model, cfg, args):
       ROWS.append((f"decode b={b} ctx={ctx}", f"{1e3 * per_step:.2f} ms",
                    f"{b / per_step:,.0f} tok/s", f"{1e3 * roof:.2f} ms", f"{roof / per_step:.2f}"))
       log(f"decode b={b} ctx={ctx}", out[f"b{b}_ctx{ctx}"])
-      del state, cache
+      del state
   RESULTS["decode"] = out
+
+
+# ------------------------------------------------------------------------------------------------
+def summarize_trace(trace_dir, wall_s, top=18):
+  """GPU time by kernel from a jax.profiler perfetto trace: busy vs wall, and the top kernels."""
+  import glob
+  import gzip
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+                 + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True))
+  if not files:
+    return {"error": f"no trace file under {trace_dir}"}
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events) if isinstance(events, dict) else events
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu_pids = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+  spans, by_name = [], {}
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    t0, dur = float(e["ts"]), float(e.get("dur", 0))
+    spans.append((t0, t0 + dur))
+    n = e.get("name", "?")
+    tot, cnt = by_name.get(n, (0.0, 0))
+    by_name[n] = (tot + dur, cnt + 1)
+  busy, end, gaps = 0.0, None, []
+  for a, z in sorted(spans):  # union of kernel intervals, and the idle gaps between them
+    if end is not None and a - end > 100.0:
+      gaps.append((end, a))
+    if end is None or z > end:
+      busy += z - (a if end is None else max(a, end))
+      end = z
+  # What the host was doing while the GPU sat idle for more than 0.1 ms.
+  host_in_gaps = {}
+  gaps.sort()
+  starts = [g[0] for g in gaps]
+  import bisect
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") in gpu_pids or not gaps:
+      continue
+    t0, t1 = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
+    i = max(bisect.bisect_right(starts, t0) - 1, 0)
+    overlap = 0.0
+    while i < len(gaps) and gaps[i][0] < t1:
+      overlap += max(0.0, min(t1, gaps[i][1]) - max(t0, gaps[i][0]))
+      i += 1
+    if overlap > 0:
+      n = e.get("name", "?")[:80]
+      host_in_gaps[n] = host_in_gaps.get(n, 0.0) + overlap
+  def kind(n):
+    low = n.lower()
+    if any(w in low for w in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "triton_gemm",
+                              "matmul")):
+      return "matmul"
+    if "mosaic" in low or "pallas" in low or "ssd" in low:
+      return "pallas"
+    if "memcpy" in low or "memset" in low:
+      return "copy"
+    return "xla fusion/other"
+  kinds = {}
+  for n, (tot, cnt) in by_name.items():
+    k = kinds.setdefault(kind(n), [0.0, 0])
+    k[0] += tot
+    k[1] += cnt
+  topk = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+  return dict(file=os.path.basename(files[-1]), processes=sorted(set(names.values()))[:12],
+              wall_ms=1e3 * wall_s, gpu_busy_ms=busy / 1e3, kernels=len(spans),
+              by_kind={k: dict(ms=v[0] / 1e3, count=v[1]) for k, v in kinds.items()},
+              top=[dict(name=n[:120], ms=tot / 1e3, count=cnt) for n, (tot, cnt) in topk],
+              idle_gaps=dict(count=len(gaps), ms=sum(z - a for a, z in gaps) / 1e3,
+                             longest_ms=max((z - a for a, z in gaps), default=0) / 1e3),
+              host_during_gaps=[dict(name=n, ms=v / 1e3) for n, v in sorted(
+                  host_in_gaps.items(), key=lambda kv: -kv[1])[:12]])
+
+
+def part_profile(model, cfg, args):
+  """Traces a few decode steps and one prefill chunk; reports where the GPU time goes."""
+  graphdef, params = nnx.split(model)
+  st = S.structure(graphdef)
+  out = {}
+  cases = [c for c in args.profile_cases.split(",") if c]
+  for case in cases:
+    trace_dir = os.path.join(args.out, "trace_" + case)
+    if case.startswith("decode"):  # decode_b1_ctx1024
+      _, bs, cs = case.split("_")
+      b, ctx = int(bs[1:]), int(cs[3:])
+      steps = 8
+      state, lcfg = decode_inputs(model, cfg, b, ctx, steps)
+      state = S._decode_jit(st, params, state, lcfg, jnp.int32(1), "greedy")
+      jax.block_until_ready(state.tokens)
+      run = lambda s0=state: S._decode_jit(st, params, s0, lcfg, jnp.int32(1 + steps), "greedy")
+      per = steps
+    else:  # prefill_8192
+      L = int(case.split("_")[1])
+      ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, L)).tolist()
+      smp = S.Sampler(model, prefill_chunk=min(args.prefill_chunks[-1], L), cache_size=L + 512)
+      smp(ids, max_new_tokens=1)
+      run = lambda: smp(ids, max_new_tokens=1)[0].tokens
+      per = 1
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      t = time.perf_counter()
+      jax.block_until_ready(run())
+      wall = time.perf_counter() - t
+    summary = summarize_trace(trace_dir, wall)
+    import glob
+    import shutil
+    for f in glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)[:1]:
+      shutil.copy(f, os.path.join(args.out, f"trace_{case}.json.gz"))  # flat: comes back whole
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    summary["per"] = per
+    out[case] = summary
+    log(case, json.dumps(summary, indent=1))
+  RESULTS["profile"] = out
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", default="nano_9b_v2")
-  p.add_argument("--parts", default="numerics,hf,prefill,long,decode")
+  p.add_argument("--parts", default="numerics,hf,prefill,long,decode,profile")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--tmp", default=None)
   p.add_argument("--numerics-len", type=int, default=2048)
   p.add_argument("--hf-prefill", type=int, nargs="*", default=[1024, 8192])
   p.add_argument("--hf-decode-tokens", type=int, default=16)
   p.add_argument("--prefill-len", type=int, default=8192)
-  p.add_argument("--prefill-chunk", type=int, default=8192)
+  p.add_argument("--prefill-chunks", type=int, nargs="*", default=[1024, 8192])
+  p.add_argument("--long-chunk", type=int, default=1024)
   p.add_argument("--impls", nargs="*", default=["xla", "pallas"])
   p.add_argument("--long-len", type=int, default=131072)
   p.add_argument("--long-new", type=int, default=256)
@@ -318,6 +493,7 @@ def main():
   p.add_argument("--decode-steps", type=int, default=32)
   p.add_argument("--max-state-bytes", type=float, default=40e9)
   p.add_argument("--order", default=None, help="comma-separated order of the parts")
+  p.add_argument("--profile-cases", default="decode_b1_ctx1024,decode_b64_ctx16384,prefill_8192")
   args = p.parse_args()
   cfg = getattr(nemojax.NemotronHConfig, args.config)()
   parts = args.parts.split(",")
@@ -332,7 +508,7 @@ def main():
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
       json.dump(RESULTS | {"rows": ROWS}, f, indent=1)
 
-  order = ["numerics", "hf", "long", "prefill", "decode"]
+  order = ["numerics", "hf", "long", "prefill", "decode", "profile"]
   if args.order:
     order = args.order.split(",")
   try:
@@ -346,11 +522,13 @@ def main():
       else:
         if model is None:
           t = time.perf_counter()
-          model = nemojax.NemotronH(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-          jax.block_until_ready(nnx.state(model))
+          model = random_model(cfg)
           RESULTS["random_init_s"] = time.perf_counter() - t
-          log(f"random init {RESULTS['random_init_s']:.1f}s")
-        {"long": part_long, "prefill": part_prefill, "decode": part_decode}[part](model, cfg, args)
+          RESULTS["peak_after_init_gib"] = peak_bytes() / 2**30
+          log(f"random init {RESULTS['random_init_s']:.1f}s, "
+              f"peak {RESULTS['peak_after_init_gib']:.2f} GiB")
+        {"long": part_long, "prefill": part_prefill, "decode": part_decode,
+         "profile": part_profile}[part](model, cfg, args)
       dump()
   finally:
     RESULTS["peak_device_gib_process"] = peak_bytes() / 2**30

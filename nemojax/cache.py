@@ -3,7 +3,8 @@
 Per Mamba layer: the last K−1 raw `xBC` columns for the causal conv [b, K−1, conv_dim] (activation
 dtype) and the SSM state [b, h, p, n] in float32 (bf16 state loses small updates over long decodes;
 NVIDIA requires `mamba_ssm_cache_dtype=float32`). Per attention layer: raw K and V
-[b, s_max, kv, hd]. MLP layers keep nothing.
+[b, kv, s_max, hd] (heads-major, so that attention reads each head's keys contiguously). MLP
+layers keep nothing.
 
 Rows are left-padded: every row writes its next token at the same cache index `pos`; `start[b]`
 is the index of row b's first real token, so row b holds `pos − start[b]` valid tokens. Pads never
@@ -12,6 +13,7 @@ reach the Mamba states (their inputs are zeroed) and attention masks keys before
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import jax
@@ -29,8 +31,8 @@ class MambaState:
 
 @struct.dataclass
 class KVState:
-  k: jax.Array  # [b, s_max, kv, hd]
-  v: jax.Array  # [b, s_max, kv, hd]
+  k: jax.Array  # [b, kv, s_max, hd]
+  v: jax.Array  # [b, kv, s_max, hd]
 
 
 LayerState = Union[MambaState, KVState, None]
@@ -52,7 +54,7 @@ class Cache:
   def max_len(self) -> int:
     for layer in self.layers:
       if isinstance(layer, KVState):
-        return layer.k.shape[1]
+        return layer.k.shape[2]
     return -1  # no attention layer: unbounded
 
   @property
@@ -67,6 +69,12 @@ def init_cache(config: NemotronHConfig, batch_size: int, max_len: int, dtype=jnp
     raise ValueError(f"init_cache: batch_size must be >= 1, got {batch_size}")
   if max_len < 1:
     raise ValueError(f"init_cache: max_len must be >= 1, got {max_len}")
+  # One compiled program per shape instead of ~60 eager `zeros` dispatches per call.
+  return _zeros(config, int(batch_size), int(max_len), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _zeros(config: NemotronHConfig, batch_size: int, max_len: int, dtype) -> Cache:
   layers = []
   for t in config.layer_types:
     if t is LayerType.MAMBA:
@@ -75,7 +83,7 @@ def init_cache(config: NemotronHConfig, batch_size: int, max_len: int, dtype=jnp
           ssm=jnp.zeros((batch_size, config.mamba_num_heads, config.mamba_head_dim,
                          config.ssm_state_size), jnp.float32)))
     elif t is LayerType.ATTENTION:
-      shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+      shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
       layers.append(KVState(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
     else:
       layers.append(None)

@@ -117,7 +117,7 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
              stop: str | Sequence[str] | None = None,
              stop_tokens: Sequence[int] | None = None,
              stream: Callable[[int, str], Any] | None = None,
-             cache_size: int | None = None, prefill_chunk: int = 2048,
+             cache_size: int | None = None, prefill_chunk: int = 1024,
              sampler: Sampler | None = None) -> list[Generation]:
   """Generates a completion for each prompt.
 

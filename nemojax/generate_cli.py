@@ -50,7 +50,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
                  help="print the reasoning before the answer (default: yes)")
   p.add_argument("--cache-size", type=int, default=None, metavar="N",
                  help="fixed cache positions (default: sized per request)")
-  p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
+  p.add_argument("--prefill-chunk", type=int, default=1024, metavar="N",
                  help="prompt tokens per prefill step (power of two; bounds memory)")
 
 

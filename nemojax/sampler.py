@@ -9,7 +9,10 @@ size, so a new prompt length that falls in a compiled bucket reuses the compiled
 
 The decode loop is one `lax.while_loop` over a donated state. It runs in segments: the host gets
 control back after `segment` steps to stream new tokens and check stop strings; without either,
-a single segment runs to the end.
+a single segment runs to the end. The loop body has no data-dependent control flow (on GPUs each
+`lax.cond` or inner loop makes the host wait for the device): the sampling mode (greedy, sampling,
+sampling with top-k/top-p) is fixed per call from the rules, and attention reads the cache
+without a loop.
 
 Thinking budget (SPEC §5). A row that starts inside `<think>` counts its reasoning tokens; once
 `budget` are spent without `</think>`, the closing text (".\n</think>\n\n" tokenised) is
@@ -52,7 +55,7 @@ class LoopState:
 
 @struct.dataclass
 class LoopConfig:
-  """Per-call knobs, all arrays (changing them never recompiles)."""
+  """Per-call knobs, all arrays (changing their values never recompiles)."""
 
   max_new: jax.Array  # [b]
   temperature: jax.Array  # [b]
@@ -84,7 +87,8 @@ class RowResult:
   stop_string: str | None = None
 
 
-def _decode_segment(graphdef, params, state: LoopState, cfg: LoopConfig, seg_end) -> LoopState:
+def _decode_segment(graphdef, params, state: LoopState, cfg: LoopConfig, seg_end,
+                    mode: str = "auto") -> LoopState:
   model = nnx.merge(graphdef, params)
   b, n = state.tokens.shape
   rows = jnp.arange(b)
@@ -93,7 +97,7 @@ def _decode_segment(graphdef, params, state: LoopState, cfg: LoopConfig, seg_end
   def body(st: LoopState) -> LoopState:
     logits, cache = model(st.last[:, None], cache=st.cache)
     sampled = sampling.sample(logits[:, 0], cfg.key, st.step, cfg.temperature, cfg.top_k,
-                              cfg.top_p)
+                              cfg.top_p, mode=mode)
     # Does the budget close the thought before this token?
     over = (st.thinking & (st.forcing < 0) & (cfg.budget >= 0)
             & (st.think_count >= cfg.budget))
@@ -139,10 +143,44 @@ def _prefill_chunk(graphdef, params, cache: Cache, ids: jax.Array) -> Cache:
   return cache
 
 
+class _Structure:
+  """The model's GraphDef as a static jit argument that hashes in O(1).
+
+  jit hashes static arguments on every call; a GraphDef's hash walks the whole module tree
+  (milliseconds for the 9B model, paid per prefill chunk and per decode segment). Handles are
+  interned, so equal structures share one handle (and the compiled code) and compare by identity.
+  """
+
+  __slots__ = ("graphdef", "_hash")
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+    self._hash = hash(graphdef)
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other
+
+
+_STRUCTURES: dict = {}
+
+
+def structure(graphdef) -> _Structure:
+  """The interned static handle of a GraphDef (what `_prefill_jit` and `_decode_jit` take)."""
+  handle = _STRUCTURES.get(graphdef)
+  if handle is None:
+    handle = _STRUCTURES[graphdef] = _Structure(graphdef)
+  return handle
+
+
 # Compiled once per (model structure, shapes) for the whole process: every Sampler of a model
 # shares them, so `generate()` may build a Sampler per call without recompiling.
-_prefill_jit = jax.jit(_prefill_chunk, static_argnums=0, donate_argnums=(2,))
-_decode_jit = jax.jit(_decode_segment, static_argnums=0, donate_argnums=(2,))
+_prefill_jit = jax.jit(lambda s, *a: _prefill_chunk(s.graphdef, *a), static_argnums=0,
+                       donate_argnums=(2,))
+_decode_jit = jax.jit(lambda s, *a: _decode_segment(s.graphdef, *a), static_argnums=(0, 5),
+                      donate_argnums=(2,))
 
 
 def _next_pow2(x: int) -> int:
@@ -161,7 +199,7 @@ class Sampler:
     min_bucket: smallest prefill bucket.
   """
 
-  def __init__(self, model: NemotronH, *, cache_size: int | None = None, prefill_chunk: int = 2048,
+  def __init__(self, model: NemotronH, *, cache_size: int | None = None, prefill_chunk: int = 1024,
                min_bucket: int = 16):
     if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
       raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
@@ -171,6 +209,7 @@ class Sampler:
     self.prefill_chunk = prefill_chunk
     self.min_bucket = min(min_bucket, prefill_chunk)
     self.graphdef, self.params = nnx.split(model)
+    self.structure = structure(self.graphdef)
 
   @staticmethod
   def compiled_shapes() -> dict[str, int]:
@@ -251,6 +290,7 @@ class Sampler:
     if uses_budget and thinking_control is None:
       raise ValueError("a thinking budget needs thinking_control (the </think> and closing ids)")
     temperature, top_k, top_p = sampling.as_arrays(sampling_params, b)
+    mode = sampling.mode_for(temperature, top_k, top_p)  # static: no lax.cond in the loop
 
     # Left-pad to bucket + 1 columns: every row's last prompt token sits in the last column.
     width = bucket + 1
@@ -284,7 +324,7 @@ class Sampler:
     cache = cache.replace(start=jnp.asarray(start))
     chunk = min(bucket, self.prefill_chunk)
     for lo in range(0, bucket, chunk):
-      cache = _prefill_jit(self.graphdef, self.params, cache, jnp.asarray(ids[:, lo:lo + chunk]))
+      cache = _prefill_jit(self.structure, self.params, cache, jnp.asarray(ids[:, lo:lo + chunk]))
 
     state = LoopState(
         cache=cache, last=jnp.asarray(ids[:, -1]), tokens=jnp.zeros((b, n), jnp.int32),
@@ -300,7 +340,7 @@ class Sampler:
     step = 0
     while True:
       step = min(step + seg, int(max_new_tokens))
-      state = _decode_jit(self.graphdef, self.params, state, cfg, jnp.int32(step))
+      state = _decode_jit(self.structure, self.params, state, cfg, jnp.int32(step), mode)
       count, done, tokens = jax.device_get((state.count, state.done, state.tokens))
       new = [tokens[i, emitted[i]:count[i]].tolist() for i in range(b)]
       emitted = [int(c) for c in count]

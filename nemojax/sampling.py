@@ -3,7 +3,9 @@
 A rule is a small frozen dataclass (`SamplingParams`); the decode loop receives its values as
 arrays of shape [b], so changing temperature or top-p between calls never recompiles, and rows of
 one batch may use different rules. Conventions inside the arrays: temperature 0 means greedy,
-top_k 0 means no top-k filter, top_p 1 means no nucleus filter.
+top_k 0 means no top-k filter, top_p 1 means no nucleus filter. The only static choice is the
+mode (`mode_for`): all-greedy, sampling, or sampling with a top-k/top-p filter somewhere in the
+batch; a decode loop compiles once per mode it meets.
 
 Randomness: each row draws from `fold_in(fold_in(key, step), row)`, so a row's tokens depend only
 on the seed, the step and its own logits, not on which other rows share the batch.
@@ -12,6 +14,7 @@ on the seed, the step and its own logits, not on which other rows share the batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -79,20 +82,48 @@ def _filter(scaled, top_k, top_p):
   return jnp.where(scaled < threshold, -jnp.inf, scaled)
 
 
-@jax.jit
+MODES = ("auto", "greedy", "sample", "filter")
+
+
+def mode_for(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> str:
+  """The cheapest `sample` mode that is exact for these per-row rules (host-side arrays)."""
+  stochastic = temperature > 0
+  if not stochastic.any():
+    return "greedy"
+  if ((top_k[stochastic] > 0) | (top_p[stochastic] < 1.0)).any():
+    return "filter"
+  return "sample"
+
+
+@functools.partial(jax.jit, static_argnames=("mode",))
 def sample(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.Array,
-           top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-  """Next tokens [b] int32 from logits [b, v] under per-row rules (see module docstring)."""
+           top_k: jax.Array, top_p: jax.Array, *, mode: str = "auto") -> jax.Array:
+  """Next tokens [b] int32 from logits [b, v] under per-row rules (see module docstring).
+
+  `mode` fixes at trace time what every row may need: "greedy" (argmax only), "sample" (no top-k
+  or top-p filter), "filter" (everything), or "auto" (decided on the device with `lax.cond`).
+  A decode loop passes a fixed mode (`mode_for`): on GPUs each `lax.cond` waits for its
+  predicate on the host, which a loop that runs once per token cannot afford.
+  """
+  if mode not in MODES:
+    raise ValueError(f"sample: mode must be one of {MODES}, got {mode!r}")
   logits = logits.astype(f32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if mode == "greedy":
+    return greedy
 
   def stochastic():
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
-    scaled = jax.lax.cond(needs_filter, _filter, lambda s, *_: s, scaled, top_k, top_p)
+    if mode == "filter":
+      scaled = _filter(scaled, top_k, top_p)
+    elif mode == "auto":
+      needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
+      scaled = jax.lax.cond(needs_filter, _filter, lambda s, *_: s, scaled, top_k, top_p)
     step_key = jax.random.fold_in(key, step)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(logits.shape[0]))
     drawn = jax.vmap(jax.random.categorical)(row_keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
-  return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, stochastic)
+  if mode == "auto":
+    return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, stochastic)
+  return stochastic()

@@ -70,7 +70,7 @@ def test_chunked_prefill_equals_one_shot(model):
     if isinstance(a, MambaState):
       assert rel_err(b.ssm, a.ssm) <= 1e-5 and rel_err(b.conv, a.conv) <= 1e-6
     elif isinstance(a, KVState):
-      assert rel_err(b.k[:, :t], a.k[:, :t]) <= 1e-6
+      assert rel_err(b.k[:, :, :t], a.k[:, :, :t]) <= 1e-6
 
 
 def test_left_padding_never_reaches_the_state(model):

@@ -61,10 +61,18 @@ def test_new_length_in_a_compiled_bucket_does_not_recompile(tiny_model):
   s([rng.integers(0, 256, 6).tolist(), rng.integers(0, 256, 3).tolist()], max_new_tokens=5)
   before = s.compiled_shapes()
   assert before == {"prefill": start["prefill"] + 1, "decode": start["decode"] + 1}
-  # Another length in the same bucket, other sampling knobs, a new Sampler of the same model.
+  # Another length in the same bucket, other max_new_tokens and seed, a new Sampler.
   s2 = Sampler(tiny_model, prefill_chunk=16, min_bucket=8, cache_size=72)
   s2([rng.integers(0, 256, 8).tolist(), rng.integers(0, 256, 2).tolist()], max_new_tokens=7,
-     sampling_params=sampling.SamplingParams(temperature=0.7, top_p=0.9), seed=5)
+     seed=5)
+  assert s.compiled_shapes() == before
+  # Sampling with top-p is another loop body (compiled once); new knob values reuse it.
+  hot = sampling.SamplingParams(temperature=0.7, top_p=0.9)
+  s2([rng.integers(0, 256, 7).tolist()] * 2, max_new_tokens=5, sampling_params=hot)
+  before = {"prefill": before["prefill"], "decode": before["decode"] + 1}
+  assert s.compiled_shapes() == before
+  s2([rng.integers(0, 256, 4).tolist()] * 2, max_new_tokens=6, seed=8, sampling_params=[
+      sampling.SamplingParams(temperature=1.3, top_k=3), sampling.SamplingParams(0.2, top_p=0.5)])
   assert s.compiled_shapes() == before
   # A longer prompt crosses into the next bucket: one new prefill shape, same decode.
   s([rng.integers(0, 256, 30).tolist()] * 2, max_new_tokens=5)
@@ -225,3 +233,23 @@ def test_bad_input_errors_before_compiling(tiny_model, kwargs, match):
 def test_bad_sampling_rules(kwargs, match):
   with pytest.raises(ValueError, match=match):
     sampling.SamplingParams(**kwargs)
+
+
+def test_fixed_modes_equal_auto():
+  """The static modes the decode loop uses draw exactly what the device-side choice draws."""
+  logits = _random_logits(5, b=8)
+  key = jax.random.key_data(jax.random.key(3))
+  temp = np.array([0, 0.7, 1.0, 1.3, 0, 2.0, 0.5, 1.0], np.float32)
+  top_k = np.array([0, 0, 3, 0, 5, 0, 0, 7], np.int32)
+  top_p = np.array([1, 1, 1, 0.8, 1, 0.95, 1, 1], np.float32)
+  cases = [(np.zeros(8, np.float32), top_k, top_p, "greedy"),
+           (temp, np.zeros(8, np.int32), np.ones(8, np.float32), "sample"),
+           (temp, top_k, top_p, "filter")]
+  for t, k, p, want in cases:
+    assert sampling.mode_for(t, k, p) == want
+    for step in range(3):
+      args = (logits, key, step, jnp.asarray(t), jnp.asarray(k), jnp.asarray(p))
+      np.testing.assert_array_equal(sampling.sample(*args, mode=want), sampling.sample(*args))
+  with pytest.raises(ValueError, match="mode"):
+    sampling.sample(logits, key, 0, jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p),
+                    mode="beam")

@@ -397,6 +397,17 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
 # Wrapper: layout preparation in XLA, then the kernel.
 
 
+@functools.lru_cache(maxsize=64)
+def _shared_kernel(**kw):
+  """One jitted kernel per signature, shared by every call site.
+
+  A model calls the scan once per Mamba layer; through one jitted function JAX lowers the kernel
+  once per program and every layer's call carries the same kernel module, so it is compiled once
+  rather than once per layer.
+  """
+  return jax.jit(_build_kernel(**kw))
+
+
 def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
   b, t, h, p, g, n = reference._check_shapes(x, dt, A, B, C, D, initial_state)
   dtype = x.dtype
@@ -434,8 +445,8 @@ def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
   else:
     init = jnp.zeros((3, 1, 1, n, p), jnp.bfloat16)
 
-  kernel = _build_kernel(b=b, t=tp, h=h, p=p, g=g, n=n, dtype=dtype, has_init=has_init,
-                         config=config, interpret=interpret)
+  kernel = _shared_kernel(b=b, t=tp, h=h, p=p, g=g, n=n, dtype=jnp.dtype(dtype),
+                          has_init=has_init, config=config, interpret=interpret)
   y, fin_t = kernel(xk, bt, Ck, lam_t, dt_t, d, init)
   if pad:
     y = y[:, :t]

@@ -172,8 +172,10 @@ def ssd_update(state, x, dt, A, B, C, D=None):
   decay = jnp.exp(dtf * A.astype(f32)).reshape(b, g, r, 1, 1)
   s = state.astype(f32).reshape(b, g, r, p, -1)
   X = (dtf[..., None] * xf).reshape(b, g, r, p)
-  s = decay * s + jnp.einsum("bgrp,bgqn->bgrpn", X, Bf)  # q = 1
-  y = jnp.einsum("bgrpn,bgqn->bgrp", s, Cf).reshape(b, h, p)
+  # Written as broadcasts and a sum rather than einsums so that XLA emits one fused pass over
+  # the state (read, update, contract with C) instead of materialising it between two products.
+  s = decay * s + X[..., None] * Bf[:, :, :, None, :]
+  y = jnp.sum(s * Cf[:, :, :, None, :], axis=-1).reshape(b, h, p)
   if D is not None:
     y = y + D.astype(f32)[None, :, None] * xf
   return y.astype(x.dtype), s.reshape(b, h, p, -1)
