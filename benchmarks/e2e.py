@@ -493,12 +493,15 @@ def main():
   p.add_argument("--decode-steps", type=int, default=32)
   p.add_argument("--max-state-bytes", type=float, default=40e9)
   p.add_argument("--order", default=None, help="comma-separated order of the parts")
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
+                 help="prefill attention over the cache (decode steps always use XLA)")
   p.add_argument("--profile-cases", default="decode_b1_ctx1024,decode_b64_ctx16384,prefill_8192")
   args = p.parse_args()
   cfg = getattr(nemojax.NemotronHConfig, args.config)()
   parts = args.parts.split(",")
   device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
-  RESULTS.update(config=args.config, device=str(jax.devices()[0].device_kind),
+  RESULTS.update(attention=args.attention, config=args.config,
+                 device=str(jax.devices()[0].device_kind),
                  date=time.strftime("%Y-%m-%d"), jax=jax.__version__, parts=parts)
   log("device", RESULTS["device"], "jax", jax.__version__)
   model = None
@@ -523,6 +526,7 @@ def main():
         if model is None:
           t = time.perf_counter()
           model = random_model(cfg)
+          model.set_attention_implementation(None if args.attention == "auto" else args.attention)
           RESULTS["random_init_s"] = time.perf_counter() - t
           RESULTS["peak_after_init_gib"] = peak_bytes() / 2**30
           log(f"random init {RESULTS['random_init_s']:.1f}s, "

@@ -14,6 +14,9 @@ Two schedules:
 - Many queries (full forward, prefill chunks): keys in blocks with an online softmax, so memory
   is bounded by [b, H, t, block] scores rather than [b, H, t, s]; with a cache only the blocks up
   to the last written position are visited.
+A prefill chunk over a cache runs the Pallas flash kernel instead on Hopper-or-newer GPUs
+(`kernels/attention/`); the schedules below are the XLA path and its specification.
+
 - Few queries (a decode step): one pass over the whole cache, split into blocks that are reduced
   in parallel and merged by their log-sum-exp ("split-K"). No loop, hence no device-to-host
   synchronisation inside the step; the cost is proportional to the cache size, which the
@@ -30,6 +33,7 @@ from flax import nnx
 
 from nemojax.cache import KVState
 from nemojax.config import NemotronHConfig
+from nemojax.kernels.attention import api as attention_api
 from nemojax.layers import Linear, scaled_out_std
 
 f32 = jnp.float32
@@ -141,8 +145,9 @@ class Attention(nnx.Module):
   """GQA attention block; attribute names follow the HF checkpoint (`mixer.q_proj.weight`, ...)."""
 
   def __init__(self, config: NemotronHConfig, *, dtype, rngs: nnx.Rngs,
-               key_block: int = DEFAULT_KEY_BLOCK):
+               key_block: int = DEFAULT_KEY_BLOCK, implementation: str | None = None):
     c = config
+    self.implementation = implementation  # prefill over a cache; see kernels/attention/api.py
     self.num_heads = c.num_attention_heads
     self.num_kv_heads = c.num_key_value_heads
     self.head_dim = c.head_dim
@@ -176,6 +181,11 @@ class Attention(nnx.Module):
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), pos, axis=2)
       v_all = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), pos, axis=2)
-      o = attend(q, k_all, v_all, q_pos, start, num_keys=pos + t, key_block=self.key_block)
+      impl = "xla" if t <= MAX_SPLIT_QUERIES else attention_api.resolve_implementation(
+          self.implementation, head_dim=self.head_dim, cache_len=k_all.shape[2], dtype=q.dtype)
+      if impl == "pallas":  # a prefill chunk: the flash kernel (inference only, no gradient)
+        o = attention_api.prefill_attention(q, k_all, v_all, pos, start, pos + t)
+      else:
+        o = attend(q, k_all, v_all, q_pos, start, num_keys=pos + t, key_block=self.key_block)
       new_state = KVState(k=k_all, v=v_all)
     return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), new_state

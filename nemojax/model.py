@@ -136,6 +136,13 @@ class NemotronH(nnx.Module):
     """An empty decode state for `batch_size` rows and `max_len` cache positions."""
     return init_cache(self.config, batch_size, max_len, dtype=self.dtype)
 
+  def set_attention_implementation(self, implementation: str | None) -> None:
+    """Selects prefill attention over the cache (None: auto, "xla", "pallas");
+    see `kernels/attention/api.py`. Decode steps and the full forward always use XLA."""
+    for block in self.backbone.layers:
+      if block.layer_type is LayerType.ATTENTION:
+        block.mixer.implementation = implementation
+
   def set_ssd_implementation(self, implementation: str | None) -> None:
     """Selects the SSD scan for every Mamba layer (None: auto, "xla", "pallas", "naive")."""
     for block in self.backbone.layers:

@@ -12,29 +12,13 @@
 
 from __future__ import annotations
 
-import functools
-
-import jax
-
+from nemojax.kernels import platform
 from nemojax.kernels.ssd import reference
 
 IMPLEMENTATIONS = ("xla", "pallas", "naive")
 
 
-@functools.lru_cache(maxsize=None)
-def _default_backend_supports_pallas() -> bool:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return False
-  if dev.platform != "gpu":
-    return False
-  cc = getattr(dev, "compute_capability", None)
-  try:
-    major = int(str(cc).split(".")[0])
-  except (TypeError, ValueError):
-    return False
-  return major >= 9
+_default_backend_supports_pallas = platform.mosaic_gpu_available
 
 
 def _pallas_module():

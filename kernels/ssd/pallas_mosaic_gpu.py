@@ -32,8 +32,9 @@ Interpret mode (`interpret=True`, CPU tests) runs the same kernel body on Mosaic
 operands in wgmma nor register layouts in loads, so there the products are `jnp.dot`s on the same
 shared-memory tiles and the SMEM buffers carry no swizzle; everything else is the kernel as compiled.
 
-Measured on an H200 (benchmarks/RESULTS.md, "SSD kernel"): 0.31–0.44× mamba_ssm's time at the
-BENCHMARKS.md shapes that ran, ‖Δy‖/‖y‖ ≈ 2.4e-3 against an fp32 reference.
+Measured on an H200 (benchmarks/RESULTS.md, "SSD kernel"): 0.16–0.45× mamba_ssm's time at all 20
+BENCHMARKS.md shapes (head dims 80 and 64, chunks 128 and 256), ‖Δy‖/‖y‖ ≈ 2.4e-3 against an fp32
+reference.
 """
 
 from __future__ import annotations
