@@ -33,6 +33,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from nemojax.kernels import platform
+
 f32 = jnp.float32
 _ROWS = 64  # wgmma M: query rows per compute warpgroup
 _COMPUTE_WGS = 2
@@ -227,11 +229,8 @@ def _build_kernel(*, b, t, h, kv, s, d, dtype, config: Config, interpret: bool):
   def entry(*refs):
     return body(*refs[:6], **refs[6])
 
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
-    interp, compiler_params = interpret_params.InterpretGPUParams(), None
-  else:
-    interp, compiler_params = None, plgpu.CompilerParams(approx_math=config.approx_math)
+  interp, compiler_params = platform.mosaic_params(interpret=interpret,
+                                                   approx_math=config.approx_math)
   return plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct((b, t, h, d), dtype),
@@ -243,12 +242,6 @@ def _build_kernel(*, b, t, h, kv, s, d, dtype, config: Config, interpret: bool):
       compiler_params=compiler_params,
       interpret=interp,
   )
-
-
-@functools.lru_cache(maxsize=64)
-def _shared_kernel(**kw):
-  """One jitted kernel per signature, shared by every layer (compiled once per program)."""
-  return jax.jit(_build_kernel(**kw))
 
 
 def attention(q, k, v, pos, start, num_keys, *, config: Config | None = None,
@@ -282,7 +275,8 @@ def attention(q, k, v, pos, start, num_keys, *, config: Config | None = None,
   pad = (-t) % _TILE_Q
   qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
   bounds = jnp.stack([jnp.asarray(pos, jnp.int32), jnp.asarray(num_keys, jnp.int32)])
-  kernel = _shared_kernel(b=b, t=t + pad, h=h, kv=kv, s=s, d=d, dtype=jnp.dtype(q.dtype),
-                          config=config, interpret=bool(interpret))
+  kernel = platform.shared_kernel(_build_kernel, b=b, t=t + pad, h=h, kv=kv, s=s, d=d,
+                                  dtype=jnp.dtype(q.dtype), config=config,
+                                  interpret=bool(interpret))
   out = kernel(qp, k.astype(q.dtype), v.astype(q.dtype), jnp.asarray(start, jnp.int32), bounds)
   return out[:, :t] if pad else out

@@ -49,6 +49,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from nemojax.kernels import platform
 from nemojax.kernels.ssd import reference
 
 f32 = jnp.float32
@@ -372,14 +373,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
   def entry(*refs):
     return body(*refs[:9], **refs[9])
 
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
-    interp = interpret_params.InterpretGPUParams()
-    compiler_params = None
-  else:
-    interp = None
-    compiler_params = plgpu.CompilerParams(approx_math=config.approx_math)
-
+  interp, compiler_params = platform.mosaic_params(interpret=interpret,
+                                                   approx_math=config.approx_math)
   return plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((b, t, h, p), dtype),
@@ -396,17 +391,6 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
 
 # --------------------------------------------------------------------------------------------
 # Wrapper: layout preparation in XLA, then the kernel.
-
-
-@functools.lru_cache(maxsize=64)
-def _shared_kernel(**kw):
-  """One jitted kernel per signature, shared by every call site.
-
-  A model calls the scan once per Mamba layer; through one jitted function JAX lowers the kernel
-  once per program and every layer's call carries the same kernel module, so it is compiled once
-  rather than once per layer.
-  """
-  return jax.jit(_build_kernel(**kw))
 
 
 def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
@@ -446,8 +430,9 @@ def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
   else:
     init = jnp.zeros((3, 1, 1, n, p), jnp.bfloat16)
 
-  kernel = _shared_kernel(b=b, t=tp, h=h, p=p, g=g, n=n, dtype=jnp.dtype(dtype),
-                          has_init=has_init, config=config, interpret=interpret)
+  kernel = platform.shared_kernel(_build_kernel, b=b, t=tp, h=h, p=p, g=g, n=n,
+                                  dtype=jnp.dtype(dtype), has_init=has_init, config=config,
+                                  interpret=interpret)
   y, fin_t = kernel(xk, bt, Ck, lam_t, dt_t, d, init)
   if pad:
     y = y[:, :t]
