@@ -14,13 +14,14 @@ Two schedules:
 - Many queries (full forward, prefill chunks): keys in blocks with an online softmax, so memory
   is bounded by [b, H, t, block] scores rather than [b, H, t, s]; with a cache only the blocks up
   to the last written position are visited.
-A prefill chunk over a cache runs the Pallas flash kernel instead on Hopper-or-newer GPUs
-(`kernels/attention/`); the schedules below are the XLA path and its specification.
-
 - Few queries (a decode step): one pass over the whole cache, split into blocks that are reduced
   in parallel and merged by their log-sum-exp ("split-K"). No loop, hence no device-to-host
   synchronisation inside the step; the cost is proportional to the cache size, which the
   sampler sizes to the request.
+
+A prefill chunk of more than `MAX_SPLIT_QUERIES` queries over a cache runs the Pallas flash
+kernel instead on Hopper-or-newer GPUs (`kernels/attention/`, inference only); the two schedules
+above are the XLA path and the kernel's specification.
 """
 
 from __future__ import annotations
