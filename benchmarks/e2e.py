@@ -23,10 +23,14 @@ seconds, to check the script before spending device time.
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
+import glob
+import gzip
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -171,7 +175,6 @@ def part_numerics(cfg, args, device):
                          "hf_bf16_vs_hf_fp32": cmp(hf16, hf32),
                          "nemojax_bf16_vs_hf_bf16": cmp(ours16, hf16)}
   log(json.dumps(RESULTS["numerics"], indent=1))
-  import shutil
   shutil.rmtree(tmp, ignore_errors=True)
   return ours
 
@@ -361,8 +364,6 @@ def part_decode(model, cfg, args):
 # ------------------------------------------------------------------------------------------------
 def summarize_trace(trace_dir, wall_s, top=18):
   """GPU time by kernel from a jax.profiler perfetto trace: busy vs wall, and the top kernels."""
-  import glob
-  import gzip
   files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
                  + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                              recursive=True))
@@ -394,7 +395,6 @@ def summarize_trace(trace_dir, wall_s, top=18):
   host_in_gaps = {}
   gaps.sort()
   starts = [g[0] for g in gaps]
-  import bisect
   for e in events:
     if e.get("ph") != "X" or e.get("pid") in gpu_pids or not gaps:
       continue
@@ -462,8 +462,6 @@ def part_profile(model, cfg, args):
       jax.block_until_ready(run())
       wall = time.perf_counter() - t
     summary = summarize_trace(trace_dir, wall)
-    import glob
-    import shutil
     for f in glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)[:1]:
       shutil.copy(f, os.path.join(args.out, f"trace_{case}.json.gz"))  # flat: comes back whole
     shutil.rmtree(trace_dir, ignore_errors=True)

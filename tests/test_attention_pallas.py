@@ -48,10 +48,8 @@ def test_unsupported_shapes_are_refused_with_a_reason():
   kv = jnp.zeros((1, 1, 128, 48), jnp.bfloat16)
   with pytest.raises(ValueError, match="head_dim=48"):
     fa.attention(q, kv, kv, 0, jnp.zeros((1,), jnp.int32), 8, interpret=True)
-  assert api.resolve_implementation(None, head_dim=128, cache_len=1024,
-                                    dtype=jnp.bfloat16) == ("pallas" if
-                                                            platform.mosaic_gpu_available()
-                                                            else "xla")
+  auto = api.resolve_implementation(None, head_dim=128, cache_len=1024, dtype=jnp.bfloat16)
+  assert auto == ("pallas" if platform.mosaic_gpu_available() else "xla")
   with pytest.raises(ValueError, match="implementation"):
     api.resolve_implementation("triton", head_dim=128, cache_len=1024, dtype=jnp.bfloat16)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nemojax.kernels import platform
 from nemojax.kernels.ssd import api, reference
 from nemojax.kernels.ssd import pallas_mosaic_gpu as pmg
 
@@ -94,7 +95,7 @@ def test_supports_and_dispatch():
   assert not pmg.supports(head_dim=80, state_size=64, chunk_size=128, dtype=bf16)
   assert not pmg.supports(head_dim=72, state_size=128, chunk_size=128, dtype=bf16)
   assert not pmg.supports(head_dim=256, state_size=128, chunk_size=128, dtype=bf16)  # SMEM
-  on_gpu = api._default_backend_supports_pallas()
+  on_gpu = platform.mosaic_gpu_available()
   impl = api.resolve_implementation(None, head_dim=80, state_size=128, chunk_size=128, dtype=bf16)
   assert impl == ("pallas" if on_gpu else "xla")
   impl = api.resolve_implementation(None, head_dim=80, state_size=128, chunk_size=128,

@@ -18,9 +18,6 @@ from nemojax.kernels.ssd import reference
 IMPLEMENTATIONS = ("xla", "pallas", "naive")
 
 
-_default_backend_supports_pallas = platform.mosaic_gpu_available
-
-
 def _pallas_module():
   try:
     from nemojax.kernels.ssd import pallas_mosaic_gpu
@@ -36,7 +33,7 @@ def resolve_implementation(implementation: str | None, **shape_info) -> str:
       raise ValueError(f"ssd: implementation must be one of {IMPLEMENTATIONS} or None, "
                        f"got {implementation!r}")
     return implementation
-  if _default_backend_supports_pallas():
+  if platform.mosaic_gpu_available():
     mod = _pallas_module()
     if mod is not None and mod.supports(**shape_info):
       return "pallas"
@@ -60,7 +57,7 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 128,
   if mod is None:
     raise NotImplementedError("ssd: the Pallas Mosaic GPU kernel is not available in this build")
   return mod.ssd(x, dt, A, B, C, D, initial_state=initial_state, chunk_size=chunk_size,
-                 interpret=not _default_backend_supports_pallas())
+                 interpret=not platform.mosaic_gpu_available())
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, implementation: str | None = None):
