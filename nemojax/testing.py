@@ -24,14 +24,46 @@ CONFIGS = {
         mamba_head_dim=6, ssm_state_size=7, n_groups=3, chunk_size=16, vocab_size=199),
 }
 
-# Tolerances of the project, one table per dtype: ‖Δ‖/‖ref‖ against a float32 reference.
-RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
+# The project's tolerances, one table per dtype, as ‖actual − expected‖ / ‖expected‖ (`rel_err`).
+# Rows say what is compared:
+#   "same"        the same math computed in another order (chunked vs scan, cache vs full
+#                 forward, batched vs alone, sharded vs unsharded): rounding only.
+#   "independent" an independent implementation of the same function (transformers' PyTorch
+#                 model, the reference VJP against a kernel's backward).
+#   "kernel"      a kernel with bf16 operands and fp32 accumulation against an fp32 reference.
+#   "model"       a whole bf16 model against the same model in fp32 (errors compound per layer).
+TOLERANCES = {
+    "float32": {"same": 1e-5, "independent": 1e-4},
+    "bfloat16": {"kernel": 1e-2, "model": 3e-2},
+}
+# The float32 "independent" and bfloat16 "model" rows, by dtype name (older spelling).
+RTOL = {"float32": TOLERANCES["float32"]["independent"],
+        "bfloat16": TOLERANCES["bfloat16"]["model"]}
 
 
 def rel_err(a, b) -> float:
+  """‖a − b‖ / ‖b‖ in float64; NaN anywhere gives NaN, which fails every `<=` test."""
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"rel_err: shapes differ, {a.shape} vs {b.shape}")
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def tolerance(dtype: str, kind: str) -> float:
+  """The table's entry, e.g. `tolerance("float32", "same")`."""
+  try:
+    return TOLERANCES[str(dtype)][kind]
+  except KeyError:
+    raise KeyError(f"no tolerance for dtype={dtype!r}, kind={kind!r}; "
+                   f"the table has {TOLERANCES}") from None
+
+
+def assert_close(actual, expected, dtype: str, kind: str, what: str = "") -> None:
+  """Asserts rel_err(actual, expected) <= tolerance(dtype, kind); the message gives both."""
+  tol = tolerance(dtype, kind)
+  err = rel_err(actual, expected)
+  assert err <= tol, f"{what or 'value'}: relative error {err:.3e} > {tol:.0e} ({dtype}, {kind})"
 
 
 def hf_config(config: NemotronHConfig):
