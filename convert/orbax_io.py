@@ -34,6 +34,7 @@ from nemojax.config import ConfigError, NemotronHConfig
 from nemojax.convert import hf
 from nemojax.convert.hf import CheckpointError
 from nemojax.convert.names import TensorSpec, is_stacked, tensor_specs
+from nemojax.convert.stacked import StackedParams
 
 FORMAT = "nemojax"
 FORMAT_VERSION = 1
@@ -444,7 +445,7 @@ def load(path: str | os.PathLike, dtype=None, *, sharding=None,
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from nemojax.checkpoint import StackedParams, abstract_model, param_dtype  # noqa: PLC0415
+  from nemojax.checkpoint import abstract_model, param_dtype  # noqa: PLC0415  (cycle)
 
   dtype = jnp.bfloat16 if dtype is None else dtype
   ckpt = read(path)
@@ -453,7 +454,7 @@ def load(path: str | os.PathLike, dtype=None, *, sharding=None,
   pure = nnx.to_pure_dict(state)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   ckptr = _orbax().StandardCheckpointer()
-  stacks = StackedParams(pure, dtype, sharding)
+  stacks = StackedParams(pure, lambda spec: param_dtype(spec, dtype), sharding)
   try:
     for part in ckpt.parts:
       tensors = _part_tensors(ckpt, part)

@@ -18,6 +18,7 @@ from flax import nnx
 from nemojax.config import NemotronHConfig
 from nemojax.convert import hf
 from nemojax.convert.names import TensorSpec, is_stacked
+from nemojax.convert.stacked import StackedParams
 from nemojax.model import NemotronH
 
 ShardingFn = Callable[[TensorSpec], "jax.sharding.Sharding | None"]
@@ -43,7 +44,7 @@ def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSp
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   filled = set()
-  stacks = StackedParams(pure, dtype, sharding)
+  stacks = StackedParams(pure, lambda spec: param_dtype(spec, dtype), sharding)
   for spec, arr in tensors:
     if is_stacked(spec):
       stacks.add(spec, arr)
@@ -68,47 +69,6 @@ def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSp
                      + ", ".join(".".join(map(str, p)) for p in missing[:5]))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
-
-
-class StackedParams:
-  """Assembles stacked parameters (MoE experts [E, ...]) from their per-expert tensors.
-
-  Each stacked parameter gets one host buffer, filled slice by slice as the tensors stream in and
-  placed on device (with `sharding` of the whole parameter) as soon as its last slice arrives, so
-  at most one stacked parameter is held on the host at a time in checkpoint order.
-  """
-
-  def __init__(self, pure: dict, dtype, sharding: ShardingFn | None = None):
-    self._pure, self._dtype, self._sharding = pure, dtype, sharding
-    self._open: dict[tuple, tuple[np.ndarray, set[int], TensorSpec]] = {}
-
-  def add(self, spec: TensorSpec, arr) -> None:
-    path, j = spec.path[:-1], spec.path[-1]
-    node = self._pure
-    for key in path[:-1]:
-      node = node[key]
-    target = node[path[-1]]
-    if path not in self._open:
-      # Named as transformers names the stacked tensor in memory: backbone...experts.up_proj
-      whole = TensorSpec(".".join(map(str, path)), path, tuple(target.shape), spec.float32)
-      self._open[path] = (np.empty(target.shape, param_dtype(spec, self._dtype)), set(), whole)
-    buf, done, whole = self._open[path]
-    if tuple(arr.shape) != whole.shape[1:] or not 0 <= j < whole.shape[0]:
-      raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(arr.shape)}, the model expects "
-                       f"{whole.shape[1:]} for slice {j} of {whole.hf_name} {whole.shape}")
-    buf[j] = np.asarray(arr)
-    done.add(j)
-    if len(done) == whole.shape[0]:
-      del self._open[path]
-      shard = self._sharding(whole) if self._sharding is not None else None
-      node[path[-1]] = jax.device_put(buf, shard) if shard is not None else jnp.asarray(buf)
-
-  def finish(self) -> None:
-    """Raises if a stacked parameter is still missing slices."""
-    for buf, done, whole in self._open.values():
-      missing = sorted(set(range(whole.shape[0])) - done)
-      raise ValueError(f"{whole.hf_name}: {len(missing)} of {whole.shape[0]} slices never "
-                       f"arrived (first: {missing[0]})")
 
 
 def _flatten(tree, prefix=()):

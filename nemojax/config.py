@@ -431,7 +431,7 @@ class NemotronHConfig:
   @classmethod
   def nemotron_3_nano_30b_a3b(cls) -> "NemotronHConfig":
     """NVIDIA-Nemotron-3-Nano-30B-A3B: 52 layers (23 Mamba-2, 23 MoE, 6 attention), 128 routed
-    experts + 1 shared, top-6; 31,577,940,288 parameters, 3,575,754,560 active.
+    experts + 1 shared, top-6; 31,577,937,344 parameters, 3,580,073,408 active.
 
     Sources: the model's config.json as quoted in public test fixtures (e.g. a `nemotron3_jax`
     model test) and NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
@@ -462,7 +462,8 @@ class NemotronHConfig:
   @classmethod
   def nemotron_3_super_120b_a12b(cls) -> "NemotronHConfig":
     """NVIDIA-Nemotron-3-Super-120B-A12B: 88 layers (40 Mamba-2, 40 LatentMoE, 8 attention), 512
-    routed experts in a 1024-wide latent space + 1 shared, top-22.
+    routed experts in a 1024-wide latent space + 1 shared, top-22; 120,668,687,360 parameters,
+    12,770,216,960 active.
 
     Source: NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
     (`Nemotron3SuperProvider`). *Unverified* against the released config.json (vocabulary size,

@@ -45,7 +45,8 @@ class Router(nnx.Module):
     self.topk_group = config.topk_group
     self.norm_topk_prob = config.norm_topk_prob
     self.routed_scaling_factor = float(config.routed_scaling_factor)
-    self.weight = nnx.Param(config.initializer_range * jax.random.normal(rngs.params(), (e, d), f32))
+    std = config.initializer_range
+    self.weight = nnx.Param(std * jax.random.normal(rngs.params(), (e, d), f32))
     self.e_score_correction_bias = Buffer(jnp.zeros((e,), f32))
 
   def __call__(self, x: jax.Array):
@@ -76,7 +77,8 @@ class Experts(nnx.Module):
     e, f, width = config.n_routed_experts, config.moe_intermediate_size, config.moe_expert_dim
     std = config.initializer_range
     out_std = scaled_out_std(std, config.num_hidden_layers)
-    self.up_proj = nnx.Param((std * jax.random.normal(rngs.params(), (e, f, width), f32)).astype(dtype))
+    self.up_proj = nnx.Param(
+        (std * jax.random.normal(rngs.params(), (e, f, width), f32)).astype(dtype))
     self.down_proj = nnx.Param(
         (out_std * jax.random.normal(rngs.params(), (e, width, f), f32)).astype(dtype))
 
