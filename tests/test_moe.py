@@ -2,6 +2,7 @@
 router and the whole model against transformers, decode against the full forward, greedy tokens
 against transformers' generate, convert/export round trips and malformed MoE configs."""
 
+import copy
 import json
 import os
 
@@ -253,6 +254,20 @@ def test_convert_export_round_trip_bit_identical(pairs, tmp_path):
   convert_api.save(model, saved, copy_from=src, progress=False)
   convert_api.export(saved, back2, progress=False)
   assert _tensors(back2) == _tensors(src)
+
+
+def test_bf16_checkpoint_round_trips_with_float32_router(pairs, tmp_path):
+  """bf16 source -> nemojax bf16 (router weight and bias kept float32) -> identical bf16."""
+
+  _, hf, _, _ = pairs("moe")
+  src = T.save_hf(copy.deepcopy(hf).to(torch.bfloat16), tmp_path / "hf16")
+  out, back = tmp_path / "nj", tmp_path / "back"
+  convert_api.convert(src, out, dtype="bfloat16", progress=False)
+  model = nemojax.load(out, dtype=jnp.bfloat16)
+  i = model.config.layer_types.index(LayerType.MOE)
+  assert model.backbone.layers[i].mixer.gate.weight[...].dtype == jnp.float32
+  convert_api.export(out, back, progress=False)
+  assert _tensors(back) == _tensors(src)
 
 
 def test_mtp_tensors_are_ignored(tmp_path):
