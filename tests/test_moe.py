@@ -258,7 +258,6 @@ def test_convert_export_round_trip_bit_identical(pairs, tmp_path):
 
 def test_bf16_checkpoint_round_trips_with_float32_router(pairs, tmp_path):
   """bf16 source -> nemojax bf16 (router weight and bias kept float32) -> identical bf16."""
-
   _, hf, _, _ = pairs("moe")
   src = T.save_hf(copy.deepcopy(hf).to(torch.bfloat16), tmp_path / "hf16")
   out, back = tmp_path / "nj", tmp_path / "back"
