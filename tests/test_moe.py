@@ -24,6 +24,7 @@ from nemojax.convert.hf import CheckpointError
 from nemojax.kernels import moe as kmoe
 from nemojax.model import count_params
 from nemojax.sampler import Sampler
+from nemojax.tokenizer import THINK_CLOSE, build_tokenizer
 
 CONFIGS = T.MOE_CONFIGS
 
@@ -205,6 +206,26 @@ def test_greedy_matches_transformers_generate(pairs):
   out = Sampler(model, prefill_chunk=16)(prompts.tolist(), max_new_tokens=20)
   for row, res in zip(ref, out):
     assert res.tokens == row.tolist(), name
+
+
+@pytest.mark.slow  # ~20 s: compiles the whole sampling loop
+def test_generate_with_thinking_budget_on_moe_model(tmp_path):
+  """The text front door and per-row thinking budgets work unchanged on a MoE model."""
+  corpus = ["Think step by step: first add the units, then carry. 12 + 30 = 42\n",
+            "Nemotron models reason inside <think> tags before answering.\n"] * 20
+  # `</think>` spelt with several BPE pieces, so a random model does not write it by chance
+  tok = build_tokenizer(corpus, 300, tmp_path / "tok", think_as_special=False)
+  cfg = CONFIGS["latent"].replace(vocab_size=tok.vocab_size)
+  model = nemojax.NemotronH(cfg, dtype=jnp.float32, rngs=nnx.Rngs(7))
+  budgets = [0, 4, None]
+  gens = nemojax.generate(model, ["Add 12 and 30."] * 3, tokenizer=tok, max_new_tokens=16,
+                          thinking=True, thinking_budget=budgets, temperature=1.0, seed=3,
+                          stop_tokens=[])
+  zero, four, free = gens
+  assert zero.reasoning is None and zero.num_reasoning_tokens == 0 and THINK_CLOSE not in zero.text
+  assert four.num_reasoning_tokens == 4 and four.text.count(THINK_CLOSE) == 1
+  assert free.num_reasoning_tokens == len(free.tokens) and THINK_CLOSE not in free.text
+  assert all(g.finish_reason == "length" for g in gens)
 
 
 def test_bf16_moe_block_close_to_fp32(pair):
