@@ -7,7 +7,8 @@ from nemojax.generate import Generation, generate
 from nemojax.model import NemotronH
 from nemojax.sampler import Sampler
 from nemojax.sampling import SamplingParams
-from nemojax.tokenizer import DecodeStream, Tokenizer, build_tokenizer
+from nemojax.demo.bpe import build_tokenizer
+from nemojax.tokenizer import DecodeStream, Tokenizer
 
 __version__ = "0.1.0"
 
