@@ -24,7 +24,8 @@ from nemojax.convert.hf import CheckpointError
 from nemojax.kernels import moe as kmoe
 from nemojax.model import count_params
 from nemojax.sampler import Sampler
-from nemojax.tokenizer import THINK_CLOSE, build_tokenizer
+from nemojax.demo.bpe import build_tokenizer
+from nemojax.tokenizer import THINK_CLOSE
 
 CONFIGS = T.MOE_CONFIGS
 
