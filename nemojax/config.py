@@ -288,7 +288,8 @@ class NemotronHConfig:
 
     Counts what torch's `model.parameters()` counts: the router's `e_score_correction_bias` is a
     buffer, not a parameter. `active=True` counts each MoE layer's routed experts as
-    `num_experts_per_tok` of them (the weights one token's forward pass touches).
+    `num_experts_per_tok` of them (the weights one token's forward pass touches); embeddings and
+    the LM head count in both.
     """
     d, v = self.hidden_size, self.vocab_size
     routed = self.num_experts_per_tok if active else self.n_routed_experts
