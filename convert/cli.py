@@ -101,8 +101,7 @@ def _terminate(signum, frame):
 
 
 def _run(prog: str, fn) -> int:
-  from nemojax.config import ConfigError  # noqa: PLC0415
-  from nemojax.convert.hf import CheckpointError  # noqa: PLC0415
+  from nemojax.config import CheckpointError, ConfigError  # noqa: PLC0415
   previous = None
   try:
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -21,7 +21,9 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors' 
 import numpy as np
 from safetensors import safe_open
 
-from nemojax.config import ConfigError, NemotronHConfig
+# CheckpointError lives in the config module (nemojax.CheckpointError); importing it here keeps
+# `from nemojax.convert.hf import CheckpointError` working.
+from nemojax.config import CheckpointError, ConfigError, NemotronHConfig
 from nemojax.convert.names import TensorSpec, tensor_specs
 
 SINGLE_FILE = "model.safetensors"
@@ -30,10 +32,6 @@ _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float1
 # safetensors dtype string <-> NumPy dtype, for the float dtypes a Nemotron-H checkpoint may hold.
 DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in _FLOAT_DTYPES.items()}
 DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read as the config says it should be."""
 
 
 @dataclasses.dataclass(frozen=True)

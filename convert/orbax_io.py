@@ -24,16 +24,16 @@ Compression is off: zstd saved ~20% on bf16 weights but wrote 3-5x slower.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nemojax.config import ConfigError, NemotronHConfig
+from nemojax.config import CheckpointError, ConfigError, NemotronHConfig
 from nemojax.convert import hf
-from nemojax.convert.hf import CheckpointError
-from nemojax.convert.names import TensorSpec, tensor_specs
+from nemojax.convert.names import TensorSpec, assign, lookup, tensor_specs
 
 FORMAT = "nemojax"
 FORMAT_VERSION = 1
@@ -90,19 +90,16 @@ def _nest(items) -> dict:
   """{path tuple: value} -> nested dict."""
   tree: dict = {}
   for path, value in items:
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
+    assign(tree, path, value)
   return tree
 
 
-def _lookup(tree, path: tuple[str, ...]):
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
+def _version() -> str:
+  # Not `nemojax.__version__`: the package root imports the loader, which imports this package.
+  try:
+    return importlib.metadata.version("nemojax")
+  except importlib.metadata.PackageNotFoundError:  # running from a source tree, not installed
+    return "unknown"
 
 
 def _map_leaves(fn, tree: dict) -> dict:
@@ -217,7 +214,6 @@ class PartWriter:
 def write_manifest(out_dir: str, *, config: NemotronHConfig, dtype: str, source: dict,
                    writer: PartWriter, files: list[str], lossless: bool) -> dict:
   """Writes nemojax.json after checking that the writer holds exactly the config's tensors."""
-  from nemojax import __version__  # noqa: PLC0415  (nemojax/__init__ imports this package)
   specs = tensor_specs(config)
   names = [s.hf_name for s in specs]
   if set(writer.records) != set(names):
@@ -226,7 +222,7 @@ def write_manifest(out_dir: str, *, config: NemotronHConfig, dtype: str, source:
   manifest = {
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
-      "nemojax_version": __version__,
+      "nemojax_version": _version(),
       "dtype": dtype,
       "lossless": lossless,
       "source": source,
@@ -360,7 +356,7 @@ def _check_part(ckptr, ckpt: NemojaxCheckpoint, part: str) -> None:
   tree = getattr(md, "tree", md)
   wanted = _part_tensors(ckpt, part)
   for t in wanted:
-    leaf = _lookup(tree, _key_path(t.spec))
+    leaf = lookup(tree, _key_path(t.spec))
     if leaf is None or not hasattr(leaf, "shape"):
       raise CheckpointError(f"{d}: tensor {t.spec.hf_name!r} is missing from the part")
     if tuple(leaf.shape) != t.spec.shape or np.dtype(leaf.dtype) != t.dtype:
@@ -386,35 +382,6 @@ def _restore(ckptr, d: str, target: dict) -> dict:
     raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {e})") from None
 
 
-def iter_parts(ckpt: NemojaxCheckpoint) -> Iterator[list[tuple[StoredTensor, np.ndarray]]]:
-  """Yields each part's tensors as host NumPy arrays in their stored dtype, one part at a time.
-
-  Nothing of a part stays referenced here once the next is requested, so host memory holds one
-  part (plus what the consumer keeps).
-  """
-  ckptr = _orbax().StandardCheckpointer()
-  try:
-    for part in ckpt.parts:
-      yield _restore_part_numpy(ckptr, ckpt, part)
-  finally:
-    ckptr.close()
-
-
-def _restore_part_numpy(ckptr, ckpt: NemojaxCheckpoint, part: str):
-  import jax  # noqa: PLC0415
-  tensors = _part_tensors(ckpt, part)
-  # Targets without a sharding restore as NumPy arrays, on the host.
-  target = _nest((_key_path(t.spec), jax.ShapeDtypeStruct(t.spec.shape, t.dtype))
-                 for t in tensors)
-  restored = _restore(ckptr, ckpt.part_dir(part), target)
-  out = []
-  for t in tensors:
-    arr = np.asarray(_lookup(restored, _key_path(t.spec)))
-    _check_restored(ckpt, t, arr.shape, arr.dtype, t.dtype)
-    out.append((t, arr))
-  return out
-
-
 def _check_restored(ckpt, t: StoredTensor, shape, dtype, want_dtype) -> None:
   if tuple(shape) != t.spec.shape or np.dtype(dtype) != np.dtype(want_dtype):
     raise CheckpointError(f"{ckpt.part_dir(t.part)}: tensor {t.spec.hf_name!r} restored as "
@@ -422,56 +389,39 @@ def _check_restored(ckpt, t: StoredTensor, shape, dtype, want_dtype) -> None:
                           f"{np.dtype(want_dtype).name}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading into the model
-# --------------------------------------------------------------------------------------------------
-def load(path: str | os.PathLike, dtype=None, *, sharding=None,
-         ssd_implementation: str | None = None):
-  """Loads a nemojax checkpoint into a `NemotronH` model, part by part.
+def iter_arrays(ckpt: NemojaxCheckpoint,
+                target: Callable[[StoredTensor], Any] | None = None
+                ) -> Iterator[tuple[StoredTensor, Any]]:
+  """Yields (tensor, array) for every tensor, restored one part at a time.
+
+  Nothing of a part stays referenced here once its arrays are handed out, so host memory holds at
+  most one part (plus what the consumer keeps).
 
   Args:
-    path: a directory written by `nemojax convert` or `nemojax.convert.save`.
-    dtype: storage dtype of matmul weights (default jnp.bfloat16); norm scales, A_log, D and
-      dt_bias are float32 regardless. Stored tensors are cast on restore.
-    sharding: optional function TensorSpec -> `jax.sharding.Sharding` (or None for the default
-      device); each array is restored straight into its sharding.
-    ssd_implementation: SSD scan choice for the Mamba layers (None = auto).
+    ckpt: a checkpoint validated by `read`.
+    target: the `jax.ShapeDtypeStruct` to restore a tensor as: its dtype (stored tensors are cast
+      on restore) and sharding (the array is restored straight into it). Default: a NumPy array
+      on the host in the stored dtype.
 
   Raises:
-    CheckpointError: the directory is not a complete, consistent nemojax checkpoint.
+    CheckpointError: a part cannot be restored (names the part directory and the tensor).
   """
   import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  from nemojax.checkpoint import abstract_model, param_dtype  # noqa: PLC0415  (cycle)
-
-  dtype = jnp.bfloat16 if dtype is None else dtype
-  ckpt = read(path)
-  model = abstract_model(ckpt.config, dtype, ssd_implementation)
-  graphdef, state = nnx.split(model)
-  pure = nnx.to_pure_dict(state)
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if target is None:
+    target = lambda t: jax.ShapeDtypeStruct(t.spec.shape, t.dtype)  # noqa: E731
   ckptr = _orbax().StandardCheckpointer()
   try:
     for part in ckpt.parts:
       tensors = _part_tensors(ckpt, part)
-      want = {}
+      want = {t.spec.hf_name: target(t) for t in tensors}
+      restored = _restore(ckptr, ckpt.part_dir(part),
+                          _nest((_key_path(t.spec), want[t.spec.hf_name]) for t in tensors))
       for t in tensors:
-        shard = sharding(t.spec) if sharding is not None else None
-        want[t.spec.hf_name] = jax.ShapeDtypeStruct(
-            t.spec.shape, param_dtype(t.spec, dtype), sharding=shard or default)
-      target = _nest((_key_path(t.spec), want[t.spec.hf_name]) for t in tensors)
-      restored = _restore(ckptr, ckpt.part_dir(part), target)
-      for t in tensors:
-        arr = _lookup(restored, _key_path(t.spec))
+        arr = lookup(restored, _key_path(t.spec))
         _check_restored(ckpt, t, arr.shape, arr.dtype, want[t.spec.hf_name].dtype)
-        node = pure
-        for key in t.spec.path[:-1]:
-          node = node[key]
-        node[t.spec.path[-1]] = arr
+        assign(restored, _key_path(t.spec), None)  # the consumer holds the only reference
+        yield t, arr
+        del arr
       del restored
   finally:
     ckptr.close()
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)

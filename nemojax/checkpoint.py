@@ -8,16 +8,16 @@ tensor, never the model twice.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.config import NemotronHConfig
+from nemojax.config import CheckpointError, NemotronHConfig
 from nemojax.convert import hf
-from nemojax.convert.names import TensorSpec
+from nemojax.convert.names import TensorSpec, assign, lookup
 from nemojax.model import NemotronH
 
 ShardingFn = Callable[[TensorSpec], "jax.sharding.Sharding | None"]
@@ -30,46 +30,38 @@ def abstract_model(config: NemotronHConfig, dtype=jnp.bfloat16,
                                           ssd_implementation=ssd_implementation))
 
 
-def param_dtype(spec: TensorSpec, dtype) -> np.dtype:
-  """Storage dtype of one tensor under the model's dtype policy."""
-  return np.dtype(np.float32) if spec.float32 else np.dtype(dtype)
-
-
-def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSpec, np.ndarray]],
+def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSpec, Any]],
                        *, dtype=jnp.bfloat16, sharding: ShardingFn | None = None,
                        ssd_implementation: str | None = None) -> NemotronH:
-  """Assembles a model from (spec, array) pairs, placing each on device as it arrives."""
+  """Assembles a model from (spec, array) pairs, placing each on device as it arrives.
+
+  An array may be NumPy (host; cast to the tensor's dtype, then placed with `sharding(spec)`) or
+  a `jax.Array` already placed by its reader (cast on its device if its dtype differs).
+  """
   abstract = abstract_model(config, dtype, ssd_implementation)
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
-  filled = set()
   for spec, arr in tensors:
-    node = pure
-    for key in spec.path[:-1]:
-      node = node[key]
-    target = node[spec.path[-1]]
+    target = lookup(pure, spec.path)
     if tuple(arr.shape) != tuple(target.shape):
       raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(arr.shape)}, "
                        f"the model expects {tuple(target.shape)}")
-    host = np.asarray(arr).astype(param_dtype(spec, dtype), copy=False)
-    shard = sharding(spec) if sharding is not None else None
-    node[spec.path[-1]] = jax.device_put(host, shard) if shard is not None else jnp.asarray(host)
-    filled.add(spec.path)
-    del host, arr
-  missing = [p for p, leaf in _flatten(pure) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    want = spec.storage_dtype(dtype)
+    if isinstance(arr, jax.Array):
+      placed = arr if arr.dtype == want else arr.astype(want)
+    else:
+      host = np.asarray(arr).astype(want, copy=False)
+      shard = sharding(spec) if sharding is not None else None
+      placed = jax.device_put(host, shard) if shard is not None else jnp.asarray(host)
+      del host
+    assign(pure, spec.path, placed)
+    del arr, placed
+  missing = [".".join(str(getattr(k, "key", k)) for k in p) for p, leaf in jax.tree.leaves_with_path(pure)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
   if missing:
-    raise ValueError("model parameters left unfilled: "
-                     + ", ".join(".".join(map(str, p)) for p in missing[:5]))
+    raise ValueError("model parameters left unfilled: " + ", ".join(missing[:5]))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
-
-
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
 
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, sharding: ShardingFn | None = None,
@@ -78,6 +70,24 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, sharding: ShardingFn
   ckpt = hf.inspect(path)
   tensors = ((info.spec, arr) for info, arr in hf.iter_tensors(ckpt))
   return model_from_tensors(ckpt.config, tensors, dtype=dtype, sharding=sharding,
+                            ssd_implementation=ssd_implementation)
+
+
+def load_nemojax(path: str | os.PathLike, *, dtype=jnp.bfloat16,
+                 sharding: ShardingFn | None = None,
+                 ssd_implementation: str | None = None) -> NemotronH:
+  """Loads a nemojax checkpoint directory, each array restored straight into its sharding."""
+  from nemojax.convert import orbax_io  # noqa: PLC0415  (orbax: a slow import, only when used)
+  ckpt = orbax_io.read(path)
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def target(t) -> jax.ShapeDtypeStruct:
+    shard = sharding(t.spec) if sharding is not None else None
+    return jax.ShapeDtypeStruct(t.spec.shape, t.spec.storage_dtype(dtype),
+                                sharding=shard or default)
+
+  tensors = ((t.spec, arr) for t, arr in orbax_io.iter_arrays(ckpt, target))
+  return model_from_tensors(ckpt.config, tensors, dtype=dtype,
                             ssd_implementation=ssd_implementation)
 
 
@@ -98,11 +108,11 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | 
     raise FileNotFoundError(f"{path}: no such model directory")
   from nemojax.convert import orbax_io  # noqa: PLC0415  (optional format, imported on use)
   if orbax_io.is_nemojax_checkpoint(path):
-    return orbax_io.load(path, dtype=dtype, sharding=sharding,
-                         ssd_implementation=ssd_implementation)
+    return load_nemojax(path, dtype=dtype, sharding=sharding,
+                        ssd_implementation=ssd_implementation)
   if hf.is_hf_checkpoint(path):
     return load_hf(path, dtype=dtype, sharding=sharding, ssd_implementation=ssd_implementation)
-  raise hf.CheckpointError(
+  raise CheckpointError(
       f"{path}: not a model directory (expected config.json with model.safetensors or "
       f"{hf.INDEX_FILE}, or a directory written by `nemojax convert`)")
 
