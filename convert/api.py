@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from nemojax.config import CheckpointError
-from nemojax.convert import atomic, hf, orbax_io, safetensors_out
+from nemojax.convert import atomic, hf, integrity, orbax_io, safetensors_out
 from nemojax.convert.names import model_tensors, tensor_specs
 
 # Files carried along with the weights (tokenizer, chat template, generation defaults, license).
@@ -238,6 +238,7 @@ def save(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
       for spec, leaf in leaves:
         writer.reserve(int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize)
         arr = np.asarray(leaf)
+        integrity.check_finite(arr, spec.hf_name, "model")
         writer.add(spec, arr, hf_dtypes.get(spec.hf_name))
         bar.update(arr.nbytes)
         del arr
@@ -318,7 +319,14 @@ def export_model(model, hf_dir: str | os.PathLike, *, dtype=None,
   forced = _forced_hf_dtype(dtype)
   out_dtype = {spec.hf_name: forced or hf.DTYPE_NAMES[np.dtype(leaf.dtype)]
                for spec, leaf in model_tensors(pure, config)}
-  arrays = lambda: ((spec, np.asarray(leaf)) for spec, leaf in model_tensors(pure, config))  # noqa: E731
+
+  def arrays():
+    for spec, leaf in model_tensors(pure, config):
+      arr = np.asarray(leaf)
+      integrity.check_finite(arr, spec.hf_name, "model")
+      yield spec, arr
+      del arr
+
   return _write_hf(hf_dir, config, out_dtype, arrays, extra_from=copy_from,
                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
                    report=("export", None, t0))

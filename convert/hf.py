@@ -24,6 +24,7 @@ from safetensors import safe_open
 # CheckpointError lives in the config module (nemojax.CheckpointError); importing it here keeps
 # `from nemojax.convert.hf import CheckpointError` working.
 from nemojax.config import CheckpointError, ConfigError, NemotronHConfig
+from nemojax.convert import integrity
 from nemojax.convert.names import TensorSpec, tensor_specs
 
 SINGLE_FILE = "model.safetensors"
@@ -214,7 +215,8 @@ def iter_tensors(ckpt: HFCheckpoint, *, digests: dict[str, str] | None = None,
 
   Shards are read front to back with plain reads into a fresh buffer per tensor (no memory map:
   a mapped shard's pages would count as resident memory until it is closed, i.e. up to the whole
-  shard). Arrays are read-only, in the file's native dtype.
+  shard). Arrays are read-only, in the file's native dtype; a tensor holding NaN or Inf raises
+  CheckpointError (a broken checkpoint is refused, not passed on).
 
   Args:
     ckpt: a checkpoint validated by `inspect` (headers already checked by the safetensors reader).
@@ -275,7 +277,11 @@ def _read_shard(file: str, infos: list[TensorInfo], hasher: "_BackgroundHash | N
       if hasher is not None:
         hasher.update(buf)
       pos = end
-      yield info, buf.view(DTYPES[info.dtype]).reshape(info.spec.shape)
+      arr = buf.view(DTYPES[info.dtype]).reshape(info.spec.shape)
+      integrity.check_finite(arr, info.spec.hf_name, file)
+      del buf
+      yield info, arr
+      del arr
     if hasher is not None:  # whatever follows the last tensor belongs to the file's digest too
       while chunk := f.read(1 << 24):
         hasher.update(chunk)

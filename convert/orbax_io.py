@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from nemojax.config import CheckpointError, ConfigError, NemotronHConfig
-from nemojax.convert import hf
+from nemojax.convert import atomic, hf, integrity
 from nemojax.convert.names import TensorSpec, assign, lookup, tensor_specs
 
 FORMAT = "nemojax"
@@ -153,6 +153,7 @@ class PartWriter:
     self._pending_bytes = 0
     self.parts: list[str] = []
     self.records: dict[str, dict] = {}
+    self.written: dict[str, dict] = {}  # relative path -> size, sha256 of every file written
     os.makedirs(params_dir, exist_ok=True)
 
   def reserve(self, num_bytes: int) -> None:
@@ -162,6 +163,7 @@ class PartWriter:
       self.flush()
 
   def add(self, spec: TensorSpec, array: np.ndarray, hf_dtype: str | None = None) -> None:
+    atomic.check_interrupted()
     if tuple(array.shape) != spec.shape:
       raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(array.shape)}, expected "
                        f"{spec.shape}")
@@ -184,8 +186,11 @@ class PartWriter:
       save_args = _map_leaves(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
     except TypeError:  # older orbax: one chunk per array
       save_args = None
-    self._ckptr.save(os.path.join(self._dir, name),
-                     args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    part_dir = os.path.join(self._dir, name)
+    self._ckptr.save(part_dir, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    # Hashed now, while the part is still in the page cache.
+    self.written.update({f"{PARAMS}/{name}/{rel}": rec
+                         for rel, rec in integrity.record_files(part_dir).items()})
     for spec, arr, hf_dtype in self._pending:
       self.records[spec.hf_name] = {"shape": list(spec.shape), "dtype": arr.dtype.name,
                                     "hf_dtype": hf_dtype, "part": name}
@@ -230,6 +235,10 @@ def write_manifest(out_dir: str, *, config: NemotronHConfig, dtype: str, source:
       "parts": list(writer.parts),
       "tensors": [{"name": n, **writer.records[n]} for n in names],
   }
+  others = [rel for rel in integrity.walk(out_dir) if rel not in writer.written and rel != MANIFEST]
+  manifest["written"] = dict(sorted({**writer.written,
+                                     **integrity.record_files(out_dir, others)}.items()))
+  manifest = integrity.seal(manifest)
   with open(os.path.join(out_dir, MANIFEST), "w") as f:
     f.write(_pretty(manifest) + "\n")
   return manifest
@@ -252,31 +261,28 @@ def _pretty(obj, indent: str = "") -> str:
 # --------------------------------------------------------------------------------------------------
 # Reading and validation
 # --------------------------------------------------------------------------------------------------
-def read(path: str | os.PathLike, *, check_parts: bool = True) -> NemojaxCheckpoint:
+def read(path: str | os.PathLike, *, check_parts: bool = True,
+         verify: bool = True) -> NemojaxCheckpoint:
   """Validates a nemojax checkpoint directory without reading tensor data.
 
-  Checks the manifest against config.json (every tensor present once, nothing unexpected, shapes
-  and dtypes as the config implies) and, with `check_parts`, every part's orbax metadata against
-  the manifest.
+  Checks the manifest's own hash and that every file it records is present with its recorded
+  size (and, with `verify`, the SHA-256 of every file outside params/; `iter_arrays` checks each
+  part's files just before restoring it), the manifest against config.json (every tensor present
+  once, nothing unexpected, shapes and dtypes as the config implies) and, with `check_parts`,
+  every part's orbax metadata against the manifest.
 
   Raises:
     CheckpointError: naming the file, the tensor and what was expected.
   """
   path = os.path.abspath(os.fspath(path))
   man_path = os.path.join(path, MANIFEST)
-  try:
-    with open(man_path) as f:
-      manifest = json.load(f)
-  except FileNotFoundError:
-    raise CheckpointError(f"{man_path}: missing; not a nemojax checkpoint directory") from None
-  except (ValueError, RecursionError) as e:
-    raise CheckpointError(f"{man_path}: not valid JSON ({e})") from None
-  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-    raise CheckpointError(f"{man_path}: expected an object with \"format\": \"{FORMAT}\"")
-  version = manifest.get("format_version")
-  if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-    raise CheckpointError(f"{man_path}: format_version {version!r}; this nemojax reads versions "
-                          f"1..{FORMAT_VERSION} (a newer nemojax wrote it?)")
+  manifest = _read_manifest(path, man_path)
+  written = manifest.get("written")
+  if written is not None or integrity.SELF_KEY in manifest:
+    integrity.check_files(path, written, manifest=man_path, hashes=False)
+    if verify:
+      integrity.check_files(path, written, manifest=man_path,
+                            only=lambda rel: not rel.startswith(PARAMS + "/"))
   cfg_path = os.path.join(path, "config.json")
   try:
     config = NemotronHConfig.from_json_file(cfg_path)
@@ -334,6 +340,21 @@ def read(path: str | os.PathLike, *, check_parts: bool = True) -> NemojaxCheckpo
   return ckpt
 
 
+def _read_manifest(path: str, man_path: str) -> dict:
+  if not os.path.isfile(man_path):
+    raise CheckpointError(f"{man_path}: missing; not a nemojax checkpoint directory")
+  manifest = integrity.read_json(man_path)
+  if manifest.get("format") != FORMAT:
+    raise CheckpointError(f"{man_path}: expected an object with \"format\": \"{FORMAT}\"")
+  version = manifest.get("format_version")
+  if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    raise CheckpointError(f"{man_path}: format_version {version!r}; this nemojax reads versions "
+                          f"1..{FORMAT_VERSION} (a newer nemojax wrote it?)")
+  if "written" in manifest or integrity.SELF_KEY in manifest:  # absent: before integrity records
+    integrity.check_seal(manifest, man_path)
+  return manifest
+
+
 def np_dtype(name: str) -> np.dtype:
   import ml_dtypes  # noqa: PLC0415, F401  (registers bfloat16 with NumPy)
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
@@ -351,7 +372,8 @@ def _check_part(ckptr, ckpt: NemojaxCheckpoint, part: str) -> None:
   try:
     md = ckptr.metadata(d)
   except Exception as e:  # orbax raises assorted types for unreadable metadata
-    raise CheckpointError(f"{d}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
+    raise CheckpointError(f"{d}: unreadable orbax metadata ({type(e).__name__}: "
+                          f"{_first_line(e)})") from None
   md = getattr(md, "item_metadata", md)  # StepMetadata in newer orbax, the tree in older
   tree = getattr(md, "tree", md)
   wanted = _part_tensors(ckpt, part)
@@ -379,7 +401,14 @@ def _restore(ckptr, d: str, target: dict) -> dict:
   try:
     return ckptr.restore(d, target)
   except Exception as e:
-    raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {e})") from None
+    raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+  """The gist of a library error, whose message may run to dozens of lines of TensorStore spec."""
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  text = lines[0] if lines else ""
+  return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _check_restored(ckpt, t: StoredTensor, shape, dtype, want_dtype) -> None:
@@ -390,8 +419,8 @@ def _check_restored(ckpt, t: StoredTensor, shape, dtype, want_dtype) -> None:
 
 
 def iter_arrays(ckpt: NemojaxCheckpoint,
-                target: Callable[[StoredTensor], Any] | None = None
-                ) -> Iterator[tuple[StoredTensor, Any]]:
+                target: Callable[[StoredTensor], Any] | None = None, *,
+                verify: bool = True) -> Iterator[tuple[StoredTensor, Any]]:
   """Yields (tensor, array) for every tensor, restored one part at a time.
 
   Nothing of a part stays referenced here once its arrays are handed out, so host memory holds at
@@ -402,9 +431,12 @@ def iter_arrays(ckpt: NemojaxCheckpoint,
     target: the `jax.ShapeDtypeStruct` to restore a tensor as: its dtype (stored tensors are cast
       on restore) and sharding (the array is restored straight into it). Default: a NumPy array
       on the host in the stored dtype.
+    verify: check the SHA-256 of each part's files (recorded when written) just before restoring
+      it, so the restore then reads them from the page cache.
 
   Raises:
-    CheckpointError: a part cannot be restored (names the part directory and the tensor).
+    CheckpointError: a part's file is damaged, it cannot be restored, or a tensor holds NaN/Inf
+      (names the file or part directory and the tensor).
   """
   import jax  # noqa: PLC0415
   if target is None:
@@ -413,12 +445,18 @@ def iter_arrays(ckpt: NemojaxCheckpoint,
   try:
     for part in ckpt.parts:
       tensors = _part_tensors(ckpt, part)
+      written = ckpt.manifest.get("written")
+      if verify and written is not None:
+        prefix = f"{PARAMS}/{part}/"
+        integrity.check_files(ckpt.path, written, manifest=os.path.join(ckpt.path, MANIFEST),
+                              only=lambda rel: rel.startswith(prefix))  # noqa: B023
       want = {t.spec.hf_name: target(t) for t in tensors}
       restored = _restore(ckptr, ckpt.part_dir(part),
                           _nest((_key_path(t.spec), want[t.spec.hf_name]) for t in tensors))
       for t in tensors:
         arr = lookup(restored, _key_path(t.spec))
         _check_restored(ckpt, t, arr.shape, arr.dtype, want[t.spec.hf_name].dtype)
+        integrity.check_finite(arr, t.spec.hf_name, ckpt.part_dir(part))
         assign(restored, _key_path(t.spec), None)  # the consumer holds the only reference
         yield t, arr
         del arr

@@ -2,7 +2,8 @@
 
 The model is built abstractly (`nnx.eval_shape`), so no random weights are ever allocated, and
 tensors are read one at a time straight into their place: peak host memory is the model plus one
-tensor, never the model twice.
+tensor, never the model twice. Readers (`convert.hf`, `convert.orbax_io`) stream (spec, array)
+pairs, checked for damage and NaN/Inf; this module is the only one that assembles a model.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSp
       del host
     assign(pure, spec.path, placed)
     del arr, placed
-  missing = [".".join(str(getattr(k, "key", k)) for k in p) for p, leaf in jax.tree.leaves_with_path(pure)
+  missing = [".".join(str(getattr(k, "key", k)) for k in p)
+             for p, leaf in jax.tree.leaves_with_path(pure)
              if isinstance(leaf, jax.ShapeDtypeStruct)]
   if missing:
     raise ValueError("model parameters left unfilled: " + ", ".join(missing[:5]))
@@ -74,11 +76,14 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, sharding: ShardingFn
 
 
 def load_nemojax(path: str | os.PathLike, *, dtype=jnp.bfloat16,
-                 sharding: ShardingFn | None = None,
-                 ssd_implementation: str | None = None) -> NemotronH:
-  """Loads a nemojax checkpoint directory, each array restored straight into its sharding."""
+                 sharding: ShardingFn | None = None, ssd_implementation: str | None = None,
+                 verify: bool = True) -> NemotronH:
+  """Loads a nemojax checkpoint directory, each array restored straight into its sharding.
+
+  Every file's size is checked against the manifest; with `verify`, its SHA-256 too.
+  """
   from nemojax.convert import orbax_io  # noqa: PLC0415  (orbax: a slow import, only when used)
-  ckpt = orbax_io.read(path)
+  ckpt = orbax_io.read(path, verify=verify)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def target(t) -> jax.ShapeDtypeStruct:
@@ -86,13 +91,13 @@ def load_nemojax(path: str | os.PathLike, *, dtype=jnp.bfloat16,
     return jax.ShapeDtypeStruct(t.spec.shape, t.spec.storage_dtype(dtype),
                                 sharding=shard or default)
 
-  tensors = ((t.spec, arr) for t, arr in orbax_io.iter_arrays(ckpt, target))
+  tensors = ((t.spec, arr) for t, arr in orbax_io.iter_arrays(ckpt, target, verify=verify))
   return model_from_tensors(ckpt.config, tensors, dtype=dtype,
                             ssd_implementation=ssd_implementation)
 
 
 def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | None = None,
-         ssd_implementation: str | None = None) -> NemotronH:
+         ssd_implementation: str | None = None, verify: bool = True) -> NemotronH:
   """Loads a Nemotron-H model.
 
   Args:
@@ -102,6 +107,14 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | 
     sharding: optional function from a tensor's spec to the `jax.sharding.Sharding` to place it
       with (default: the default device).
     ssd_implementation: SSD scan choice for the Mamba layers (None = auto).
+    verify: for a nemojax directory, check every file's SHA-256 against the one recorded when it
+      was written (sizes are always checked); False skips the hashing. HF directories carry no
+      hashes (their headers and sizes are checked).
+
+  Raises:
+    CheckpointError: a missing, truncated or damaged file, a tensor the config does not expect or
+      of the wrong shape, or a tensor holding NaN/Inf; the one-line message names the file or
+      tensor.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -109,7 +122,7 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | 
   from nemojax.convert import orbax_io  # noqa: PLC0415  (optional format, imported on use)
   if orbax_io.is_nemojax_checkpoint(path):
     return load_nemojax(path, dtype=dtype, sharding=sharding,
-                        ssd_implementation=ssd_implementation)
+                        ssd_implementation=ssd_implementation, verify=verify)
   if hf.is_hf_checkpoint(path):
     return load_hf(path, dtype=dtype, sharding=sharding, ssd_implementation=ssd_implementation)
   raise CheckpointError(

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 import nemojax
 from nemojax import CheckpointError, NemotronHConfig
 from nemojax import testing as T
-from nemojax.convert import api, cli, hf
+from nemojax.convert import api, cli, hf, integrity
 
 CFG = NemotronHConfig.tiny()
 
@@ -218,22 +218,31 @@ def test_existing_out_dir_main(dirs, tmp_path, capsys):
 
 
 def test_bad_nemojax_dir(dirs, tmp_path):
+  """An edited manifest is caught by its own hash; a consistent (re-sealed) but wrong one by the
+  structural checks; a deleted part directory by the file records."""
   out = tmp_path / "nj"
   api.convert(dirs["single"], out, dtype="float32")
   man = json.loads((out / "nemojax.json").read_text())
+
+  def write(m, reseal=True):
+    (out / "nemojax.json").write_text(json.dumps(integrity.seal(m) if reseal else m))
+
   dropped = man["tensors"].pop(3)
-  (out / "nemojax.json").write_text(json.dumps(man))
+  write(man, reseal=False)
+  with pytest.raises(CheckpointError, match="nemojax.json: damaged .*manifest_sha256"):
+    nemojax.load(out)
+  write(man)
   with pytest.raises(CheckpointError, match=f"nemojax.json: missing tensor '{dropped['name']}'"):
     nemojax.load(out)
   man["tensors"].insert(3, dropped)
   man["format_version"] = 99
-  (out / "nemojax.json").write_text(json.dumps(man))
+  write(man)
   with pytest.raises(CheckpointError, match="format_version 99"):
     nemojax.load(out)
   man["format_version"] = 1
-  (out / "nemojax.json").write_text(json.dumps(man))
+  write(man)
   shutil.rmtree(out / "params" / man["parts"][0])
-  with pytest.raises(CheckpointError, match="part-00000: missing part directory"):
+  with pytest.raises(CheckpointError, match=r"part-00000/\S+: missing \(listed in .*nemojax.json\)"):
     nemojax.load(out)
 
 
