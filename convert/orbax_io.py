@@ -76,10 +76,12 @@ class NemojaxCheckpoint:
     return os.path.join(self.path, PARAMS, part)
 
 
-def is_nemojax_checkpoint(path: str | os.PathLike) -> bool:
-  """Whether `path` looks like a directory written by `nemojax convert` or `save`."""
+def is_nemojax_checkpoint(path: str | os.PathLike, *, damaged: bool = False) -> bool:
+  """Whether `path` looks like a directory written by `nemojax convert` or `save` (with
+  `damaged`: or like one that lost its manifest or params/)."""
   path = os.fspath(path)
-  return os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isdir(os.path.join(path, PARAMS))
+  has = [os.path.isfile(os.path.join(path, MANIFEST)), os.path.isdir(os.path.join(path, PARAMS))]
+  return any(has) if damaged else all(has)
 
 
 def _key_path(spec: TensorSpec) -> tuple[str, ...]:
@@ -266,8 +268,7 @@ def read(path: str | os.PathLike, *, check_parts: bool = True,
   """Validates a nemojax checkpoint directory without reading tensor data.
 
   Checks the manifest's own hash and that every file it records is present with its recorded
-  size (and, with `verify`, the SHA-256 of every file outside params/; `iter_arrays` checks each
-  part's files just before restoring it), the manifest against config.json (every tensor present
+  size (and, with `verify`, its SHA-256), the manifest against config.json (every tensor present
   once, nothing unexpected, shapes and dtypes as the config implies) and, with `check_parts`,
   every part's orbax metadata against the manifest.
 
@@ -279,10 +280,9 @@ def read(path: str | os.PathLike, *, check_parts: bool = True,
   manifest = _read_manifest(path, man_path)
   written = manifest.get("written")
   if written is not None or integrity.SELF_KEY in manifest:
-    integrity.check_files(path, written, manifest=man_path, hashes=False)
-    if verify:
-      integrity.check_files(path, written, manifest=man_path,
-                            only=lambda rel: not rel.startswith(PARAMS + "/"))
+    integrity.check_files(path, written, manifest=man_path, hashes=False)  # cheap: stat only
+    if verify:  # before orbax reads anything: it reads damaged files with baffling errors
+      integrity.check_files(path, written, manifest=man_path)
   cfg_path = os.path.join(path, "config.json")
   try:
     config = NemotronHConfig.from_json_file(cfg_path)
@@ -419,8 +419,8 @@ def _check_restored(ckpt, t: StoredTensor, shape, dtype, want_dtype) -> None:
 
 
 def iter_arrays(ckpt: NemojaxCheckpoint,
-                target: Callable[[StoredTensor], Any] | None = None, *,
-                verify: bool = True) -> Iterator[tuple[StoredTensor, Any]]:
+                target: Callable[[StoredTensor], Any] | None = None
+                ) -> Iterator[tuple[StoredTensor, Any]]:
   """Yields (tensor, array) for every tensor, restored one part at a time.
 
   Nothing of a part stays referenced here once its arrays are handed out, so host memory holds at
@@ -431,12 +431,10 @@ def iter_arrays(ckpt: NemojaxCheckpoint,
     target: the `jax.ShapeDtypeStruct` to restore a tensor as: its dtype (stored tensors are cast
       on restore) and sharding (the array is restored straight into it). Default: a NumPy array
       on the host in the stored dtype.
-    verify: check the SHA-256 of each part's files (recorded when written) just before restoring
-      it, so the restore then reads them from the page cache.
 
   Raises:
-    CheckpointError: a part's file is damaged, it cannot be restored, or a tensor holds NaN/Inf
-      (names the file or part directory and the tensor).
+    CheckpointError: a part cannot be restored or a tensor holds NaN/Inf (names the part
+      directory and the tensor). Damaged files are `read`'s to find, before orbax reads them.
   """
   import jax  # noqa: PLC0415
   if target is None:
@@ -445,11 +443,6 @@ def iter_arrays(ckpt: NemojaxCheckpoint,
   try:
     for part in ckpt.parts:
       tensors = _part_tensors(ckpt, part)
-      written = ckpt.manifest.get("written")
-      if verify and written is not None:
-        prefix = f"{PARAMS}/{part}/"
-        integrity.check_files(ckpt.path, written, manifest=os.path.join(ckpt.path, MANIFEST),
-                              only=lambda rel: rel.startswith(prefix))  # noqa: B023
       want = {t.spec.hf_name: target(t) for t in tensors}
       restored = _restore(ckptr, ckpt.part_dir(part),
                           _nest((_key_path(t.spec), want[t.spec.hf_name]) for t in tensors))

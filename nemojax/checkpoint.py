@@ -91,7 +91,7 @@ def load_nemojax(path: str | os.PathLike, *, dtype=jnp.bfloat16,
     return jax.ShapeDtypeStruct(t.spec.shape, t.spec.storage_dtype(dtype),
                                 sharding=shard or default)
 
-  tensors = ((t.spec, arr) for t, arr in orbax_io.iter_arrays(ckpt, target, verify=verify))
+  tensors = ((t.spec, arr) for t, arr in orbax_io.iter_arrays(ckpt, target))
   return model_from_tensors(ckpt.config, tensors, dtype=dtype,
                             ssd_implementation=ssd_implementation)
 
@@ -120,7 +120,7 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | 
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such model directory")
   from nemojax.convert import orbax_io  # noqa: PLC0415  (optional format, imported on use)
-  if orbax_io.is_nemojax_checkpoint(path):
+  if orbax_io.is_nemojax_checkpoint(path, damaged=not hf.is_hf_checkpoint(path)):
     return load_nemojax(path, dtype=dtype, sharding=sharding,
                         ssd_implementation=ssd_implementation, verify=verify)
   if hf.is_hf_checkpoint(path):
