@@ -1,4 +1,4 @@
-"""The `nemojax` command: `convert`, `export`, `generate`, `chat`.
+"""The `nemojax` command: `convert`, `export`, `verify`, `generate`, `chat`.
 
 Each subcommand lives with its code and registers itself here through a `register(subparsers)`
 function, so this file stays a table of contents.
@@ -14,6 +14,7 @@ import sys
 _SUBCOMMANDS = {
     "convert": "nemojax.convert.cli",
     "export": "nemojax.convert.cli",
+    "verify": "nemojax.convert.cli",
     "generate": "nemojax.generate_cli",
     "chat": "nemojax.generate_cli",
 }

@@ -79,8 +79,7 @@ def _load(args, err: TextIO):
   import jax.numpy as jnp  # noqa: PLC0415
 
   import nemojax  # noqa: PLC0415
-  from nemojax.config import ConfigError  # noqa: PLC0415
-  from nemojax.convert.hf import CheckpointError  # noqa: PLC0415
+  from nemojax.config import CheckpointError, ConfigError  # noqa: PLC0415
   path = args.model
   if path is None:
     from nemojax.demo import demo_model_path  # noqa: PLC0415

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.cache import MambaState
-from nemojax.config import NemotronHConfig
+from nemojax.config import NemotronHConfig, keeps_float32
 from nemojax.kernels.ssd import api as ssd_api
 from nemojax.layers import GatedRMSNorm, Linear, scaled_out_std
 
@@ -87,9 +87,12 @@ class Mamba2Mixer(nnx.Module):
                  * (math.log(c.time_step_max) - math.log(c.time_step_min))
                  + math.log(c.time_step_min))
     dt = jnp.maximum(dt, c.time_step_floor)
-    self.dt_bias = nnx.Param(_inverse_softplus(dt))
-    self.A_log = nnx.Param(jnp.log(jnp.arange(1, c.mamba_num_heads + 1, dtype=f32)))
-    self.D = nnx.Param(jnp.ones((c.mamba_num_heads,), f32))
+    # Storage dtypes from the one policy (config.keeps_float32): these three stay float32.
+    keep = lambda name: f32 if keeps_float32(name) else dtype  # noqa: E731
+    self.dt_bias = nnx.Param(_inverse_softplus(dt).astype(keep("dt_bias")))
+    self.A_log = nnx.Param(jnp.log(jnp.arange(1, c.mamba_num_heads + 1, dtype=f32))
+                           .astype(keep("A_log")))
+    self.D = nnx.Param(jnp.ones((c.mamba_num_heads,), keep("D")))
     self.norm = GatedRMSNorm(c.d_inner, c.n_groups, c.layer_norm_epsilon)
     self.out_proj = Linear(c.d_inner, c.hidden_size, dtype=dtype, rngs=rngs,
                            init_std=scaled_out_std(c.initializer_range, c.num_hidden_layers))

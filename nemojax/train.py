@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from nemojax.convert import integrity
 from nemojax.model import NemotronH
 
 __all__ = [
@@ -239,9 +240,10 @@ class Checkpointer:
     import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy import, only when checkpointing)
     self._ocp = ocp
     self.directory = os.path.abspath(os.fspath(directory))
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    self._open = lambda: ocp.CheckpointManager(self.directory, options=options)
+    self._manager = self._open()
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None when the directory holds no checkpoint."""
@@ -254,17 +256,32 @@ class Checkpointer:
       return
     self._manager.save(step, args=self._ocp.args.StandardSave(state))
     self._manager.wait_until_finished()
+    integrity.seal_dir(os.path.join(self.directory, str(step)))  # every file's size and SHA-256
 
   def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
-    """Restores the state saved at `step` (the latest when None) into `abstract_state`'s structure.
+    """Restores the state saved at `step` (when None: the newest intact one; damaged or incomplete
+    steps are moved aside with a warning, see `integrity.restore_newest`).
 
     Raises:
-      FileNotFoundError: No checkpoint in the directory.
+      FileNotFoundError: No (intact) checkpoint in the directory.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-    return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract_state))
+    args = self._ocp.args.StandardRestore(abstract_state)
+    if step is not None:
+      return self._manager.restore(step, args=args)
+
+    def attempt(s: int) -> TrainState:  # a fresh manager: a failed restore leaves one confused
+      manager = self._open()
+      try:
+        return manager.restore(s, args=args)
+      finally:
+        manager.close()
+
+    found = integrity.restore_newest(self.directory, self._manager.all_steps(), attempt)
+    self._manager.close()
+    self._manager = self._open()  # sees the steps moved aside
+    if found is None:
+      raise FileNotFoundError(f"{self.directory}: no intact checkpoint to restore")
+    return found[1]
 
   def close(self) -> None:
     self._manager.close()
