@@ -11,6 +11,7 @@ import os
 import sys
 from typing import TextIO
 
+from nemojax.engine import DEFAULT_BUDGET_GRACE
 from nemojax.tokenizer import THINK_CLOSE
 
 _THINK_HEADER = "[thinking]"
@@ -41,8 +42,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
                  help="at most N reasoning tokens, then the thought is closed (0 = reasoning off)")
   p.add_argument("--budget-policy", choices=["hard", "newline"], default="hard",
                  help="close at the budget (hard) or at the end of the line (newline)")
-  p.add_argument("--budget-grace", type=int, default=500, metavar="N",
-                 help="with --budget-policy newline: at most N tokens past the budget")
+  p.add_argument("--budget-grace", type=int, default=DEFAULT_BUDGET_GRACE, metavar="N",
+                 help="with --budget-policy newline: at most N tokens past the budget "
+                      f"(default: {DEFAULT_BUDGET_GRACE})")
   p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                  help="stop string (repeatable)")
   p.add_argument("--system", default=None, help="system message")

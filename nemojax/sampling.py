@@ -7,8 +7,10 @@ top_k 0 means no top-k filter, top_p 1 means no nucleus filter. The only static 
 mode (`mode_for`): all-greedy, sampling, or sampling with a top-k/top-p filter somewhere in the
 batch; a decode loop compiles once per mode it meets.
 
-Randomness: each row draws from `fold_in(fold_in(key, step), row)`, so a row's tokens depend only
-on the seed, the step and its own logits, not on which other rows share the batch.
+Randomness: with one key per row ([b, 2], from the row's seed) a row draws from
+`fold_in(key[row], step)`, so its tokens depend only on its seed, the step and its own logits:
+never on its position in the batch or on the other rows. With one key for the batch ([2]) row i
+draws from `fold_in(fold_in(key, step), i)`.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def sample(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.
            top_k: jax.Array, top_p: jax.Array, *, mode: str = "auto") -> jax.Array:
   """Next tokens [b] int32 from logits [b, v] under per-row rules (see module docstring).
 
+  `key` is raw key data: [b, 2] (one key per row) or [2] (one for the batch).
+
   `mode` fixes at trace time what every row may need: "greedy" (argmax only), "sample" (no top-k
   or top-p filter), "filter" (everything), or "auto" (decided on the device with `lax.cond`).
   A decode loop passes a fixed mode (`mode_for`): on GPUs each `lax.cond` waits for its
@@ -119,8 +123,11 @@ def sample(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.
     elif mode == "auto":
       needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
       scaled = jax.lax.cond(needs_filter, _filter, lambda s, *_: s, scaled, top_k, top_p)
-    step_key = jax.random.fold_in(key, step)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(logits.shape[0]))
+    if key.ndim == 2:  # one key per row
+      row_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(key)
+    else:
+      step_key = jax.random.fold_in(key, step)
+      row_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(logits.shape[0]))
     drawn = jax.vmap(jax.random.categorical)(row_keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 

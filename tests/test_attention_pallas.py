@@ -12,7 +12,7 @@ from flax import nnx
 
 import nemojax
 from nemojax import attention
-from nemojax import sampler as S
+from nemojax import engine, jit
 from nemojax.kernels import platform
 from nemojax.kernels.attention import api
 from nemojax.kernels.attention import pallas_mosaic_gpu as fa
@@ -63,9 +63,9 @@ def test_model_prefill_with_the_kernel_equals_xla():
   out = {}
   for impl in ("xla", "pallas"):
     model.set_attention_implementation(impl)
-    graphdef, params = nnx.split(model)
+    graph, params = jit.split(model)
     cache = model.init_cache(2, 128).replace(start=jnp.asarray([0, 5], jnp.int32))
-    cache = S._prefill_jit(S.structure(graphdef), params, cache, ids[:, :32])
+    cache = engine.prefill(graph, params, cache, ids[:, :32])
     logits, _ = model(ids[:, 32:33], cache=cache)
     out[impl] = np.asarray(logits, np.float32)
   err = np.linalg.norm(out["pallas"] - out["xla"]) / np.linalg.norm(out["xla"])

@@ -171,7 +171,7 @@ def test_thinking_budget_forces_the_closing_text(sampler):
   ctl = ThinkingControl(close_marker=close_marker, close_text=close_text)
   prompt = np.random.default_rng(8).integers(0, 200, 6).tolist()
   budgets = [0, 3, 6, None]
-  res = sampler([prompt] * 4, max_new_tokens=16, thinking=True, thinking_budget=budgets,
+  res = sampler([prompt] * 4, max_new_tokens=16, reasoning_open=True, thinking_budget=budgets,
                 thinking_control=ctl,
                 sampling_params=sampling.SamplingParams(temperature=1.0, top_k=200), seed=1)
   for budget, r in zip(budgets, res):
@@ -188,7 +188,7 @@ def test_thinking_budget_newline_policy_waits_for_a_line_end(sampler):
   ctl_mask[np.arange(0, 256, 3)] = True  # every third id "ends a line"
   ctl = ThinkingControl(close_marker=(250, 251), close_text=(250, 251), newline_mask=ctl_mask)
   prompt = np.random.default_rng(9).integers(0, 200, 6).tolist()
-  res = sampler([prompt] * 3, max_new_tokens=24, thinking=True, thinking_budget=[2, 4, 5],
+  res = sampler([prompt] * 3, max_new_tokens=24, reasoning_open=True, thinking_budget=[2, 4, 5],
                 budget_policy="newline", budget_grace=6, thinking_control=ctl,
                 sampling_params=sampling.SamplingParams(temperature=1.0), seed=2)
   for budget, r in zip([2, 4, 5], res):
@@ -203,7 +203,7 @@ def test_model_written_close_ends_the_thought(sampler):
   free = sampler([prompt], max_new_tokens=10)[0].tokens
   marker = (free[2],)  # pretend the model's third token is `</think>`
   ctl = ThinkingControl(close_marker=marker, close_text=(1, 2))
-  r = sampler([prompt], max_new_tokens=10, thinking=True, thinking_budget=8,
+  r = sampler([prompt], max_new_tokens=10, reasoning_open=True, thinking_budget=8,
               thinking_control=ctl)[0]
   assert r.tokens == free  # nothing forced
   assert r.num_reasoning_tokens == free.index(free[2])  # the thought, `</think>` excluded
@@ -214,7 +214,7 @@ def test_model_written_close_ends_the_thought(sampler):
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(prompts=[[1] * 60]), "cache"),
     (dict(prompts=[[1, 999]]), "outside"),
-    (dict(thinking=True, thinking_budget=-1), "thinking_budget"),
+    (dict(reasoning_open=True, thinking_budget=-1), "thinking_budget"),
 ])
 def test_bad_input_errors_before_compiling(tiny_model, kwargs, match):
   s = Sampler(tiny_model, prefill_chunk=16, cache_size=48)
