@@ -436,7 +436,8 @@ def part_profile(model, cfg, args):
       state, lcfg = decode_inputs(model, cfg, b, ctx, steps)
       state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1), "greedy")
       jax.block_until_ready(state.tokens)
-      run = lambda s0=state: engine.decode_segment(graph, params, s0, lcfg, jnp.int32(1 + steps), "greedy")
+      run = lambda s0=state: engine.decode_segment(graph, params, s0, lcfg, jnp.int32(1 + steps),
+                                                   "greedy")
       per = steps
     else:  # prefill_8192
       L = int(case.split("_")[1])

@@ -66,7 +66,7 @@ def _normalize_prompts(prompts) -> list:
   if isinstance(prompts, (list, tuple)) and prompts:
     return list(prompts)
   raise ValueError("prompts must be a string, a chat (list of message dicts), a list of token "
-                   f"ids, or a non-empty list of those; got {type(prompts).__name__}")
+                   f"ids, or a non-empty list of those; got {prompts!r:.60}")
 
 
 def _per_row(value, n: int, name: str) -> list:
@@ -92,20 +92,20 @@ ROLES = ("system", "user", "assistant", "tool")
 def _check_messages(i: int, messages: Sequence[Mapping]) -> None:
   for j, m in enumerate(messages):
     if m.get("role") not in ROLES:
-      raise ValueError(f"prompt {i}, message {j}: role must be one of {', '.join(ROLES)}; "
+      raise ValueError(f"prompts[{i}][{j}]: role must be one of {', '.join(ROLES)}, "
                        f"got {m.get('role')!r:.40}")
     if not isinstance(m.get("content"), str):
-      raise ValueError(f"prompt {i}, message {j}: content must be a string, got "
+      raise ValueError(f"prompts[{i}][{j}]: content must be a string, got "
                        f"{type(m.get('content')).__name__}")
 
 
-def _encode_prompts(prompts, tokenizer, thinking, budgets):
+def _encode_prompts(prompts, tokenizer, thinking, budgets, vocab_size: int):
   """(ids, reasoning-open flags) per row."""
   ids, opens = [], []
   for i, (p, think, budget) in enumerate(zip(prompts, thinking, budgets)):
     if isinstance(p, str) or _is_messages(p):
       if tokenizer is None:
-        raise ValueError(f"prompt {i} is text: pass tokenizer= to render and encode it")
+        raise ValueError(f"prompts[{i}] is text: pass tokenizer= to render and encode it")
       messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
       _check_messages(i, messages)
       if budget == 0:
@@ -115,12 +115,15 @@ def _encode_prompts(prompts, tokenizer, thinking, budgets):
                                                thinking=think, tokenize=True))
     elif _is_ids(p) and len(p) > 0:
       row = [int(t) for t in p]
+      if min(row) < 0 or max(row) >= vocab_size:
+        raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size}): "
+                         f"min {min(row)}, max {max(row)}")
       tail = tokenizer.decode(row[-8:]) if tokenizer is not None else ""
       opens.append(tail.rstrip().endswith(THINK_OPEN))
       ids.append(row)
     else:
-      raise ValueError(f"prompt {i} must be a non-empty string, chat or list of token ids, got "
-                       f"{p!r:.80}")
+      raise ValueError(f"prompts[{i}] must be a non-empty string, chat or list of token ids, "
+                       f"got {p!r:.80}")
   return ids, opens
 
 
@@ -171,6 +174,18 @@ def _thinking_control(tokenizer, model, opens, budget: ThinkingBudget) -> Thinki
                     if budget.policy == "newline" else None))
 
 
+def _check_types(model, tokenizer, sampler, stream) -> None:
+  if not isinstance(model, NemotronH):
+    raise ValueError(f"model must be a nemojax.NemotronH, got {type(model).__name__}")
+  if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+    raise ValueError(f"tokenizer must be a nemojax.Tokenizer or None, got "
+                     f"{type(tokenizer).__name__}")
+  if sampler is not None and (not isinstance(sampler, Sampler) or sampler.model is not model):
+    raise ValueError("sampler must be None or a nemojax.Sampler built for this model")
+  if stream is not None and not callable(stream):
+    raise ValueError(f"stream must be a function (row, text_delta) or None, got {stream!r:.40}")
+
+
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -217,6 +232,7 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
     ValueError / TypeError: a bad argument (the message names it), or a request whose cache
       would not fit in device memory; raised before anything is compiled.
   """
+  _check_types(model, tokenizer, sampler, stream)
   rows = _normalize_prompts(prompts)
   n = len(rows)
   think_flags = _per_row(thinking, n, "thinking")
@@ -224,16 +240,16 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
     if f is not None and not isinstance(f, (bool, np.bool_)):
       raise ValueError(f"thinking must be True, False or None (or one per prompt), got {f!r:.40}")
   budget = ThinkingBudget.per_row(thinking_budget, n, budget_policy, budget_grace)
-  ids, opens = _encode_prompts(rows, tokenizer, think_flags, budget.tokens)
+  ids, opens = _encode_prompts(rows, tokenizer, think_flags, budget.tokens,
+                               model.config.vocab_size)
   rules = _sampling_rules(opens, temperature, top_p, top_k)
   stops = _stop_strings(stop)
   stop_ids = _stop_token_ids(stop_tokens, tokenizer, model)
   control = _thinking_control(tokenizer, model, opens, budget)
-  if stream is not None and not callable(stream):
-    raise ValueError(f"stream must be a function (row, text_delta) or None, got {stream!r:.40}")
 
   sampler = sampler or Sampler(model, cache_size=cache_size, prefill_chunk=prefill_chunk)
-  texts = _TextTracker(tokenizer, n, set(stop_ids), stops, stream) if tokenizer is not None else None
+  texts = (_TextTracker(tokenizer, n, set(stop_ids), stops, stream) if tokenizer is not None
+           else None)
   results: list[RowResult] | None = None
   for new, results in sampler.stream(
       ids, max_new_tokens=max_new_tokens, sampling_params=rules, seed=seed,

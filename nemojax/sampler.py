@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemojax import engine, jit, sampling
+from nemojax import engine, jit, memory, sampling
 from nemojax.engine import DEFAULT_BUDGET_GRACE, FINISH_REASONS, ThinkingBudget, ThinkingControl
 from nemojax.model import NemotronH
 
@@ -84,6 +84,20 @@ def seeds_per_row(seed, n: int) -> list[int]:
   return [int(s) for s in seeds]
 
 
+def _check_stream_args(stop_tokens, vocab: int, control, segment, should_stop) -> None:
+  if (not isinstance(stop_tokens, (list, tuple, np.ndarray))
+      or any(not _is_int(t) or not 0 <= t < vocab for t in stop_tokens)):
+    raise ValueError(f"stop_tokens must be a list of token ids in [0, {vocab}), "
+                     f"got {stop_tokens!r:.60}")
+  if control is not None and not isinstance(control, ThinkingControl):
+    raise ValueError(f"thinking_control must be a ThinkingControl or None, got {control!r:.60}")
+  if segment is not None and (not _is_int(segment) or segment < 1):
+    raise ValueError(f"segment must be None or an integer >= 1, got {segment!r:.40}")
+  if should_stop is not None and not callable(should_stop):
+    raise ValueError(f"should_stop must be a function (row, tokens) or None, got "
+                     f"{should_stop!r:.40}")
+
+
 class Sampler:
   """Generates token ids for batches of prompts with one compiled prefill and decode per shape.
 
@@ -104,6 +118,8 @@ class Sampler:
       raise ValueError(f"cache_size must be None or an integer >= 1, got {cache_size!r}")
     if not _is_int(min_bucket) or min_bucket < 1:
       raise ValueError(f"min_bucket must be an integer >= 1, got {min_bucket!r}")
+    if not isinstance(model, NemotronH):
+      raise ValueError(f"model must be a nemojax.NemotronH, got {type(model).__name__}")
     self.model = model
     self.config = model.config
     self.cache_size = cache_size
@@ -139,13 +155,12 @@ class Sampler:
     vocab = self.config.vocab_size
     for i, p in enumerate(prompts):
       if not isinstance(p, (list, tuple, np.ndarray)) or len(p) == 0:
-        raise ValueError(f"prompt {i} is empty or not a list: at least one token id is needed")
-      arr = np.asarray(p)
-      if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"prompt {i} must be a flat sequence of integer token ids")
-      if arr.min() < 0 or arr.max() >= vocab:
-        raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): "
-                         f"min {arr.min()}, max {arr.max()}")
+        raise ValueError(f"prompts[{i}] is empty or not a list: at least one token id is needed")
+      if not all(_is_int(t) for t in (p.tolist() if isinstance(p, np.ndarray) else p)):
+        raise ValueError(f"prompts[{i}] must be a flat sequence of integer token ids")
+      lo, hi = min(p), max(p)
+      if lo < 0 or hi >= vocab:
+        raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab}): min {lo}, max {hi}")
     longest = max(len(p) for p in prompts)
     bucket = self.prefill_bucket(longest)
     need = bucket + int(max_new_tokens)
@@ -155,6 +170,10 @@ class Sampler:
           f"prompt of {longest} tokens (padded to {bucket + 1}) plus max_new_tokens="
           f"{max_new_tokens} needs {need} cache positions, but cache_size is {cache_len}; "
           "shorten the prompt, lower max_new_tokens or raise cache_size")
+    memory.check_fits(self.config, self.model.dtype, batch=len(prompts), cache_len=cache_len,
+                      buffer_len=engine.buffer_len(max_new_tokens),
+                      chunk=min(bucket, self.prefill_chunk), max_new_tokens=int(max_new_tokens),
+                      cache_size_given=self.cache_size is not None)
     return bucket, cache_len
 
   def request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Request:
@@ -212,13 +231,15 @@ class Sampler:
     seeds = seeds_per_row(seed, b)
     if isinstance(reasoning_open, (bool, np.bool_)):
       reasoning_open = [bool(reasoning_open)] * b
-    if len(reasoning_open) != b:
-      raise ValueError(f"reasoning_open has {len(reasoning_open)} values for {b} prompts")
+    if (not isinstance(reasoning_open, (list, tuple, np.ndarray)) or len(reasoning_open) != b
+        or any(not isinstance(o, (bool, np.bool_)) for o in reasoning_open)):
+      raise ValueError(f"reasoning_open must be a bool or one bool per prompt ({b}), "
+                       f"got {reasoning_open!r:.60}")
     budget = ThinkingBudget.per_row(thinking_budget, b, budget_policy, budget_grace)
     if budget.needs_control(reasoning_open) and thinking_control is None:
       raise ValueError("thinking_budget needs thinking_control (the </think> and closing ids)")
-    if segment is not None and (not _is_int(segment) or segment < 1):
-      raise ValueError(f"segment must be None or an integer >= 1, got {segment!r}")
+    _check_stream_args(stop_tokens, self.config.vocab_size, thinking_control, segment,
+                       should_stop)
     cfg, mode = engine.loop_config(
         vocab_size=self.config.vocab_size, max_new_tokens=req.max_new_tokens,
         sampling_params=sampling_params, seeds=seeds, stop_tokens=stop_tokens, budget=budget,

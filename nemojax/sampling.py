@@ -27,6 +27,15 @@ import numpy as np
 f32 = jnp.float32
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+  return (isinstance(x, (int, float, np.integer, np.floating))
+          and not isinstance(x, (bool, np.bool_)))
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How to pick the next token.
@@ -43,12 +52,12 @@ class SamplingParams:
 
   def __post_init__(self):
     t, k, p = self.temperature, self.top_k, self.top_p
-    if not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
-      raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
-    if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
-      raise ValueError(f"top_k must be None or an integer >= 1, got {k!r}")
-    if p is not None and (not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
-      raise ValueError(f"top_p must be None or in (0, 1], got {p!r}")
+    if not _is_real(t) or not math.isfinite(t) or t < 0:
+      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r:.40}")
+    if k is not None and (not _is_int(k) or not 1 <= k < 2**31):
+      raise ValueError(f"top_k must be None or an integer in [1, 2**31), got {k!r:.40}")
+    if p is not None and (not _is_real(p) or not 0.0 < p <= 1.0):
+      raise ValueError(f"top_p must be None or a number in (0, 1], got {p!r:.40}")
 
   @property
   def greedy(self) -> bool:
@@ -60,9 +69,11 @@ Greedy = SamplingParams  # `Greedy()` reads well at call sites
 
 def as_arrays(params: SamplingParams | Sequence[SamplingParams], batch: int):
   """[b]-shaped (temperature, top_k, top_p) arrays for one rule or one rule per row."""
-  rules = [params] * batch if isinstance(params, SamplingParams) else list(params)
-  if len(rules) != batch:
-    raise ValueError(f"got {len(rules)} sampling rules for a batch of {batch}")
+  rules = [params] * batch if isinstance(params, SamplingParams) else params
+  if (not isinstance(rules, (list, tuple)) or len(rules) != batch
+      or any(not isinstance(r, SamplingParams) for r in rules)):
+    raise ValueError(f"sampling_params must be a SamplingParams or one per prompt ({batch}), "
+                     f"got {params!r:.80}")
   temperature = np.array([r.temperature for r in rules], np.float32)
   top_k = np.array([r.top_k or 0 for r in rules], np.int32)
   top_p = np.array([1.0 if r.top_p is None else r.top_p for r in rules], np.float32)
