@@ -30,7 +30,8 @@ class Generation:
 
   Attributes:
     text: everything generated, decoded (the stop token or stop string excluded).
-    tokens: generated token ids (a stop token included, as it was generated).
+    tokens: generated token ids (a stop token included, as it was generated; with a stop
+      string, through the token that completed it).
     reasoning: the thought before `</think>` (None when reasoning was off).
     answer: the text after `</think>` (all of `text` when reasoning was off).
     num_reasoning_tokens: tokens generated inside the thought (`</think>` and forced text
