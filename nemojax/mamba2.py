@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from nemojax.cache import MambaState
@@ -109,7 +110,7 @@ class Mamba2Mixer(nnx.Module):
     """u [b, t, D]; state: the decode state to continue from (None: start fresh, return None);
     valid [b, t] bool: False at left-pad positions. Returns (out [b, t, D], new state)."""
     b, t, _ = u.shape
-    h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
+    h, g, n = self.num_heads, self.n_groups, self.state_size
     dtype = u.dtype
     zxbcdt = self.in_proj(u, out_dtype=f32)  # [b, t, I + conv_dim + h]
     z = zxbcdt[..., :self.d_inner]
@@ -127,9 +128,9 @@ class Mamba2Mixer(nnx.Module):
       xbc = jnp.where(valid[..., None], xbc, jnp.zeros((), dtype))
       dt = jnp.where(valid[..., None], dt, 0.0)
 
-    x = xbc[..., :self.d_inner].reshape(b, t, h, p)
-    B = xbc[..., self.d_inner:self.d_inner + g * n].reshape(b, t, g, n)
-    C = xbc[..., self.d_inner + g * n:].reshape(b, t, g, n)
+    x = rearrange(xbc[..., :self.d_inner], "b t (h p) -> b t h p", h=h)
+    B = rearrange(xbc[..., self.d_inner:self.d_inner + g * n], "b t (g n) -> b t g n", g=g)
+    C = rearrange(xbc[..., self.d_inner + g * n:], "b t (g n) -> b t g n", g=g)
     A = -jnp.exp(self.A_log[...].astype(f32))
     D = self.D[...].astype(f32)
 
@@ -141,7 +142,7 @@ class Mamba2Mixer(nnx.Module):
       y, ssm = ssd_api.ssd(x, dt, A, B, C, D,
                            initial_state=None if state is None else state.ssm,
                            chunk_size=self.chunk_size, implementation=self.ssd_implementation)
-    y = self.norm(y.reshape(b, t, self.d_inner), z, out_dtype=dtype)
+    y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z, out_dtype=dtype)
     out = self.out_proj(y)
     new_state = None if state is None else MambaState(conv=new_history.astype(state.conv.dtype),
                                                       ssm=ssm)
