@@ -307,7 +307,7 @@ def _extend(cache: Cache, length: int) -> Cache:
 # shares them, so `generate()` may build a Sampler per call without recompiling.
 prefill = jit.jit(_prefill_chunk, donate_argnums=(2,))
 decode_segment = jit.jit(_decode_segment, static_argnums=(5,), donate_argnums=(2,))
-_extend_jit = jax.jit(_extend, static_argnums=(1,), donate_argnums=(0,))
+_extend_jit = jax.jit(_extend, static_argnums=(1,))  # nothing to donate: shapes grow
 
 
 def extend(cache: Cache, length: int) -> Cache:

@@ -10,6 +10,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
 
+# nemojax turns JAX's persistent compilation cache on when imported (a directory in the user's
+# home); tests must not write there. A test that needs the cache points it at a tmp directory.
+os.environ.setdefault("NEMOJAX_COMPILATION_CACHE", "off")
+
 import pytest  # noqa: E402
 
 
