@@ -119,7 +119,7 @@ class Notifier:
     Notifier._seen.add(key)
     if not self.progress:
       return
-    line = f"nemojax: compiling {what} (first use of this shape; later calls reuse it)"
+    line = f"nemojax: compiling {what} (first call with this shape)"
     if callable(self.progress) and not isinstance(self.progress, bool):
       self.progress(line)
     else:
