@@ -10,9 +10,25 @@ XLA everywhere else.
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+
 from nemojax.kernels import platform
 
 IMPLEMENTATIONS = ("xla", "pallas")
+_KERNEL = "attention.pallas_mosaic_gpu"
+
+
+def _kernel_traces(head_dim: int, dtype) -> bool:
+  """Whether the compiled kernel traces for this head size on this JAX (one tile, one block)."""
+  S = jax.ShapeDtypeStruct
+  mod = platform.kernel_module(_KERNEL)
+  q, kv = S((1, 64, 1, head_dim), dtype), S((1, 1, mod.DEFAULT_CONFIG.block_k, head_dim), dtype)
+  i, start = S((), jnp.int32), S((1,), jnp.int32)
+  kernel = functools.partial(mod.attention, interpret=False)
+  return platform.traces(_KERNEL, kernel, q, kv, kv, i, start, i)
 
 
 def resolve_implementation(implementation: str | None, *, head_dim: int, cache_len: int,
@@ -24,8 +40,9 @@ def resolve_implementation(implementation: str | None, *, head_dim: int, cache_l
                        f"got {implementation!r}")
     return implementation
   if platform.mosaic_gpu_available():
-    from nemojax.kernels.attention import pallas_mosaic_gpu  # noqa: PLC0415
-    if pallas_mosaic_gpu.supports(head_dim=head_dim, cache_len=cache_len, dtype=dtype):
+    mod = platform.kernel_module(_KERNEL)  # None, with one warning, if it fails on this JAX
+    if (mod is not None and mod.supports(head_dim=head_dim, cache_len=cache_len, dtype=dtype)
+        and _kernel_traces(head_dim, jnp.dtype(dtype))):
       return "pallas"
   return "xla"
 
