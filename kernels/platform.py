@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mosaic_gpu_available() -> bool:
   """True on an NVIDIA GPU of compute capability 9.0 or newer (Hopper, Blackwell)."""
   try:
@@ -110,7 +110,7 @@ def traces(name: str, fn, *args) -> bool:
 # Mosaic GPU API differences between JAX versions.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_takes_index() -> bool:
   # jax 0.10: plgpu.load(ref, idx, *, layout) with idx required; 0.11 gives idx a default and
   # deprecates it (index through `ref.at[...]`); 0.12 removes it.
@@ -134,7 +134,7 @@ def _interpret_params():
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
   cls = getattr(plgpu, "InterpretGPUParams", None)  # public from jax 0.11
   if cls is None:  # jax 0.10: only the private module has it (see the module docstring)
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # noqa: PLC0415,N813
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # noqa: PLC0415
   return cls()
 
 
