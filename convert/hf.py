@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import safe_open
 
 from nemojax.config import ConfigError, NemotronHConfig
-from nemojax.convert.names import TensorSpec, tensor_specs
+from nemojax.convert.names import TensorSpec, is_ignored, tensor_specs
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -147,7 +147,7 @@ def inspect(path: str | os.PathLike) -> HFCheckpoint:
       raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: tensor {name!r} is listed in "
                             f"{shard} but that file does not contain it")
 
-  unexpected = sorted(set(seen) - set(expected))
+  unexpected = sorted(n for n in set(seen) - set(expected) if not is_ignored(n))  # MTP: skipped
   if unexpected:
     shard = seen[unexpected[0]]
     raise CheckpointError(

@@ -4,6 +4,12 @@ Every tensor of an HF Nemotron-H checkpoint is listed here with the module path 
 shape the config implies and whether nemojax keeps it in float32. Module attribute names mirror
 the HF names, so the path is the name split at dots (layer indices as ints); the table exists so
 that loading, converting and exporting agree on one list and can validate before touching data.
+
+MoE layers: the checkpoint holds one tensor per routed expert (`mixer.experts.{j}.up_proj.weight`
+[f, L]); nemojax stacks them per layer (`experts.up_proj` [E, f, L], transformers' in-memory
+layout). Such a spec's path ends in the expert index j: it fills slice j of the stacked parameter
+at `path[:-1]` (`is_stacked`). Tensors of multi-token-prediction layers (`mtp.*`) are not used by
+nemojax (nor by transformers 5.17) and are skipped (`is_ignored`).
 """
 
 from __future__ import annotations
@@ -50,7 +56,33 @@ _LAYER_TABLE: dict[LayerType, list[_Entry]] = {
         ("mixer.up_proj.weight", lambda c: (c.intermediate_size, c.hidden_size), False),
         ("mixer.down_proj.weight", lambda c: (c.hidden_size, c.intermediate_size), False),
     ],
+    LayerType.MOE: [  # the router stays float32 so the choice of experts is dtype-independent
+        ("mixer.gate.weight", lambda c: (c.n_routed_experts, c.hidden_size), True),
+        ("mixer.gate.e_score_correction_bias", lambda c: (c.n_routed_experts,), True),
+        ("mixer.shared_experts.up_proj.weight",
+         lambda c: (c.moe_shared_expert_intermediate_size, c.hidden_size), False),
+        ("mixer.shared_experts.down_proj.weight",
+         lambda c: (c.hidden_size, c.moe_shared_expert_intermediate_size), False),
+        ("mixer.fc1_latent_proj.weight", lambda c: (c.moe_latent_size, c.hidden_size), False),
+        ("mixer.fc2_latent_proj.weight", lambda c: (c.hidden_size, c.moe_latent_size), False),
+    ],
 }
+# Per-expert tensors of an MoE layer: (projection, shape of one expert's matrix).
+_EXPERT_TABLE = [
+    ("up_proj", lambda c: (c.moe_intermediate_size, c.moe_expert_dim)),
+    ("down_proj", lambda c: (c.moe_expert_dim, c.moe_intermediate_size)),
+]
+IGNORED_PREFIXES = ("mtp.",)  # multi-token-prediction layers: not part of the forward pass
+
+
+def is_ignored(hf_name: str) -> bool:
+  """Whether a checkpoint tensor is deliberately not loaded (MTP layers)."""
+  return hf_name.startswith(IGNORED_PREFIXES)
+
+
+def is_stacked(spec: "TensorSpec") -> bool:
+  """Whether `spec` fills one slice (`spec.path[-1]`) of a stacked parameter (`spec.path[:-1]`)."""
+  return isinstance(spec.path[-1], int)
 
 
 def _path(name: str) -> tuple[str | int, ...]:
@@ -67,8 +99,16 @@ def tensor_specs(config: NemotronHConfig) -> list[TensorSpec]:
     for suffix, shape_fn, keep_f32 in _LAYER_TABLE[t]:
       if suffix == "mixer.conv1d.bias" and not config.use_conv_bias:
         continue
+      if "latent_proj" in suffix and config.moe_latent_size is None:
+        continue
       name = f"backbone.layers.{i}.{suffix}"
       specs.append(TensorSpec(name, _path(name), shape_fn(config), keep_f32))
+    if t is LayerType.MOE:
+      for proj, shape_fn in _EXPERT_TABLE:
+        stacked = _path(f"backbone.layers.{i}.mixer.experts.{proj}")
+        specs.extend(
+            TensorSpec(f"backbone.layers.{i}.mixer.experts.{j}.{proj}.weight", stacked + (j,),
+                       shape_fn(config), False) for j in range(config.n_routed_experts))
   specs.append(TensorSpec("backbone.norm_f.weight", _path("backbone.norm_f.weight"),
                           (config.hidden_size,), True))
   specs.append(TensorSpec("lm_head.weight", _path("lm_head.weight"),

@@ -33,7 +33,8 @@ import numpy as np
 from nemojax.config import ConfigError, NemotronHConfig
 from nemojax.convert import hf
 from nemojax.convert.hf import CheckpointError
-from nemojax.convert.names import TensorSpec, tensor_specs
+from nemojax.convert.names import TensorSpec, is_stacked, tensor_specs
+from nemojax.convert.stacked import StackedParams
 
 FORMAT = "nemojax"
 FORMAT_VERSION = 1
@@ -453,19 +454,25 @@ def load(path: str | os.PathLike, dtype=None, *, sharding=None,
   pure = nnx.to_pure_dict(state)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   ckptr = _orbax().StandardCheckpointer()
+  stacks = StackedParams(pure, lambda spec: param_dtype(spec, dtype), sharding)
   try:
     for part in ckpt.parts:
       tensors = _part_tensors(ckpt, part)
       want = {}
       for t in tensors:
-        shard = sharding(t.spec) if sharding is not None else None
+        shard = sharding(t.spec) if sharding is not None and not is_stacked(t.spec) else None
+        # Expert slices restore to the host (no sharding) and are stacked there.
         want[t.spec.hf_name] = jax.ShapeDtypeStruct(
-            t.spec.shape, param_dtype(t.spec, dtype), sharding=shard or default)
+            t.spec.shape, param_dtype(t.spec, dtype),
+            sharding=None if is_stacked(t.spec) else shard or default)
       target = _nest((_key_path(t.spec), want[t.spec.hf_name]) for t in tensors)
       restored = _restore(ckptr, ckpt.part_dir(part), target)
       for t in tensors:
         arr = _lookup(restored, _key_path(t.spec))
         _check_restored(ckpt, t, arr.shape, arr.dtype, want[t.spec.hf_name].dtype)
+        if is_stacked(t.spec):
+          stacks.add(t.spec, arr)
+          continue
         node = pure
         for key in t.spec.path[:-1]:
           node = node[key]
@@ -473,5 +480,6 @@ def load(path: str | os.PathLike, dtype=None, *, sharding=None,
       del restored
   finally:
     ckptr.close()
+  stacks.finish()
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)

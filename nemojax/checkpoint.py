@@ -17,7 +17,8 @@ from flax import nnx
 
 from nemojax.config import NemotronHConfig
 from nemojax.convert import hf
-from nemojax.convert.names import TensorSpec
+from nemojax.convert.names import TensorSpec, is_stacked
+from nemojax.convert.stacked import StackedParams
 from nemojax.model import NemotronH
 
 ShardingFn = Callable[[TensorSpec], "jax.sharding.Sharding | None"]
@@ -43,7 +44,12 @@ def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSp
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   filled = set()
+  stacks = StackedParams(pure, lambda spec: param_dtype(spec, dtype), sharding)
   for spec, arr in tensors:
+    if is_stacked(spec):
+      stacks.add(spec, arr)
+      del arr
+      continue
     node = pure
     for key in spec.path[:-1]:
       node = node[key]
@@ -56,6 +62,7 @@ def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSp
     node[spec.path[-1]] = jax.device_put(host, shard) if shard is not None else jnp.asarray(host)
     filled.add(spec.path)
     del host, arr
+  stacks.finish()
   missing = [p for p, leaf in _flatten(pure) if isinstance(leaf, jax.ShapeDtypeStruct)]
   if missing:
     raise ValueError("model parameters left unfilled: "

@@ -25,6 +25,7 @@ from nemojax.cache import Cache, init_cache
 from nemojax.config import LayerType, NemotronHConfig
 from nemojax.layers import MLP, Embedding, Linear, RMSNorm, scaled_out_std
 from nemojax.mamba2 import Mamba2Mixer
+from nemojax.moe import MoE
 
 f32 = jnp.float32
 
@@ -41,6 +42,8 @@ class Block(nnx.Module):
                                ssd_implementation=ssd_implementation)
     elif layer_type is LayerType.ATTENTION:
       self.mixer = Attention(config, dtype=dtype, rngs=rngs)
+    elif layer_type is LayerType.MOE:  # stateless like the MLP: called by the `else` below
+      self.mixer = MoE(config, dtype=dtype, rngs=rngs)
     else:
       self.mixer = MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs,
                        out_std=scaled_out_std(config.initializer_range, config.num_hidden_layers))

@@ -8,7 +8,7 @@ import pytest
 
 from nemojax import NemotronHConfig
 from nemojax import testing as T
-from nemojax.tokenizer import build_tokenizer
+from nemojax.demo.bpe import build_tokenizer
 
 CORPUS = ["What is 12 + 30? Let me add the units first, then the tens.\n",
           "The answer is 42. Think step by step.\n"] * 30

@@ -6,7 +6,8 @@ from flax import nnx
 
 import nemojax
 from nemojax import NemotronHConfig
-from nemojax.tokenizer import BUDGET_CLOSE_TEXT, THINK_CLOSE, build_tokenizer
+from nemojax.demo.bpe import build_tokenizer
+from nemojax.tokenizer import BUDGET_CLOSE_TEXT, THINK_CLOSE
 
 CORPUS = ["The quick brown fox jumps over the lazy dog. 12345 + 678 = 13023\n",
           "Think step by step: first add the units, then carry.\n",

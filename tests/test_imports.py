@@ -125,7 +125,7 @@ def test_ssd_kernel_that_cannot_build_falls_back_to_xla_with_one_warning(pretend
 
 def test_attention_kernel_that_cannot_build_falls_back_to_xla_with_one_warning(pretend_hopper,
                                                                               monkeypatch):
-  shapes = {"head_dim": 128, "cache_len": 1024, "dtype": BF16}
+  shapes = {"num_queries": 256, "head_dim": 128, "cache_len": 1024, "dtype": BF16}
   assert attention_api.resolve_implementation(None, **shapes) == "pallas"
   platform.reset_fallbacks()
   monkeypatch.setattr(fa, "attention", _broken)
@@ -133,8 +133,8 @@ def test_attention_kernel_that_cannot_build_falls_back_to_xla_with_one_warning(p
     assert attention_api.resolve_implementation(None, **shapes) == "xla"
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert attention_api.resolve_implementation(None, head_dim=64, cache_len=256,
-                                                dtype=BF16) == "xla"
+    assert attention_api.resolve_implementation(None, num_queries=256, head_dim=64,
+                                                cache_len=256, dtype=BF16) == "xla"
 
 
 def test_kernel_module_that_fails_to_import_falls_back(pretend_hopper, monkeypatch):
@@ -143,8 +143,8 @@ def test_kernel_module_that_fails_to_import_falls_back(pretend_hopper, monkeypat
   with monkeypatch.context() as m:
     m.setattr(platform.importlib, "import_module", failing_import)
     with pytest.warns(RuntimeWarning, match="AttributeError"):
-      assert attention_api.resolve_implementation(None, head_dim=128, cache_len=1024,
-                                                  dtype=BF16) == "xla"
+      assert attention_api.resolve_implementation(None, num_queries=256, head_dim=128,
+                                                  cache_len=1024, dtype=BF16) == "xla"
   assert platform.disabled("attention.pallas_mosaic_gpu").startswith("AttributeError")
 
 
