@@ -105,14 +105,17 @@ def register(subparsers) -> None:
 
 
 def _cpu_only() -> None:
-  """Conversion needs no accelerator; do not let JAX grab (most of) a GPU's memory for it."""
+  """Conversion needs no accelerator; do not let JAX grab (most of) a GPU's memory for it.
+
+  `jax_platforms` is read once, when JAX first initializes its backends (jax 0.10, 0.11, 0.12),
+  so an in-process caller whose backends already exist keeps them: no private "are backends
+  initialized" check is needed.
+  """
   if "JAX_PLATFORMS" in os.environ:
     return
   try:
     import jax  # noqa: PLC0415
-    from jax._src import xla_bridge  # noqa: PLC0415  (no public way to ask)
-    if not xla_bridge.backends_are_initialized():  # in-process callers keep what they have
-      jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_platforms", "cpu")
   except Exception:  # noqa: BLE001  (an optimisation only)
     pass
 
