@@ -7,6 +7,7 @@ stderr and exit with status 1; usage errors exit with 2 (argparse).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -127,10 +128,8 @@ def _terminate(signum, frame):
 def _run(prog: str, fn) -> int:
   from nemojax.config import CheckpointError, ConfigError  # noqa: PLC0415
   previous = None
-  try:
+  with contextlib.suppress(ValueError):  # not the main thread: no handler to install
     previous = signal.signal(signal.SIGTERM, _terminate)
-  except ValueError:  # not the main thread
-    pass
   try:
     report = fn()
   except (CheckpointError, ConfigError, ValueError, OSError) as e:
