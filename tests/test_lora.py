@@ -13,6 +13,7 @@ from nemojax import NemotronH, NemotronHConfig
 from nemojax import testing as T
 from nemojax.layers import Linear
 from nemojax.lora import DEFAULT_TARGETS, LORA_PARAM, apply_lora, lora_targets, merge_lora
+from nemojax.train import TrainConfig, Trainer, fit
 
 VOCAB = 64
 CONFIG = NemotronHConfig.tiny(vocab_size=VOCAB, hybrid_override_pattern="M*-")
@@ -82,3 +83,48 @@ def test_bad_arguments_are_one_line_errors():
     apply_lora(_model(), 0)
   with pytest.raises(ValueError, match=r"targets \['qproj'\] name no projection"):
     apply_lora(_model(), 2, targets=("qproj",))
+
+
+def _batch(step: int, b: int = 2, t: int = 16) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng([5, step])
+  return {"tokens": rng.integers(3, VOCAB, (b, t)).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def lora_trainer():
+  model = apply_lora(_model(jnp.bfloat16), 4)
+  config = TrainConfig(learning_rate=1e-2, warmup_steps=1, total_steps=8, loss_chunk_size=16,
+                       remat="full")
+  return Trainer(model, config, wrt=LORA_PARAM)
+
+
+def test_training_moves_only_the_adapters(lora_trainer):
+  base = nnx.state(lora_trainer.model(lora_trainer.init_state()), nnx.Not(LORA_PARAM))
+  state = lora_trainer.init_state()
+  # Only adapters are trained: they alone have optimizer state.
+  n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
+  n_moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim == 2)
+  assert n_moments == 2 * n_adapter
+  losses = []
+  for _ in range(3):
+    state, metrics = lora_trainer.step(state, _batch(0))
+    losses.append(float(metrics["loss"]))
+  assert losses[2] < losses[0]
+  model = lora_trainer.model(state)
+  after = nnx.state(model, nnx.Not(LORA_PARAM))
+  for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(base)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  adapted = np.asarray(model(IDS))
+  T.assert_close(merge_lora(model)(IDS), adapted, "bfloat16", "model", "merged after training")
+
+
+def test_lora_run_resumes_exactly_from_a_checkpoint(lora_trainer, tmp_path):
+  straight, _ = fit(lora_trainer, lora_trainer.init_state(), _batch, 4, progress=False)
+  fit(lora_trainer, lora_trainer.init_state(), _batch, 2, checkpoint_dir=tmp_path, progress=False)
+  resumed, history = fit(lora_trainer, lora_trainer.init_state(seed=9), _batch, 4,
+                         checkpoint_dir=tmp_path, progress=False, log_every=1)
+  assert [h["step"] for h in history] == [3, 4]
+  for x, y in zip(jax.tree.leaves((resumed.params, resumed.opt_state)),
+                  jax.tree.leaves((straight.params, straight.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
