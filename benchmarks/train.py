@@ -33,14 +33,14 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import nemojax  # noqa: E402
-from nemojax.lora import LORA_PARAM, apply_lora  # noqa: E402
-from nemojax.train import TrainConfig, Trainer  # noqa: E402
+import nemojax
+from nemojax.lora import LORA_PARAM, apply_lora
+from nemojax.train import TrainConfig, Trainer
 
 PEAK_FLOPS = 790e12
 SLICE_PATTERN = "M-M-M-MM-M-M-M*"

@@ -11,7 +11,7 @@ from flax import nnx
 from nemojax import NemotronH, NemotronHConfig
 from nemojax import testing as T
 from nemojax.losses import chunked_next_token_loss
-from nemojax.train import REMAT_POLICIES, TrainConfig, Trainer
+from nemojax.train import REMAT_POLICIES, TrainConfig, Trainer, next_token_loss
 
 VOCAB = 64
 CONFIG = NemotronHConfig.tiny(vocab_size=VOCAB, hybrid_override_pattern="M*-")
@@ -58,6 +58,12 @@ def test_mixed_precision_step_tracks_the_float32_step():
   assert {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
   assert trainer.model(mixed).lm_head.weight.dtype == jnp.bfloat16
   T.assert_close(mixed_losses, fp32_losses, "bfloat16", "model", "losses")
+  # evaluate (the chunked loss) agrees with the full logits of the bf16 model it describes.
+  batch = _batch(5)
+  logits = trainer.model(mixed)(batch["tokens"][:, :-1])
+  T.assert_close(trainer.evaluate(mixed.params, batch),
+                 next_token_loss(logits, batch["tokens"], batch["mask"])[0],
+                 "float32", "independent", "evaluate")
   _assert_trees_close(mixed.params, fp32.params, "bfloat16", "model", "params after 2 steps")
 
 
