@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 import nemojax
+from nemojax import testing as T
 from nemojax.lora import LORA_PARAM, apply_lora
 from nemojax.train import TrainConfig, Trainer
 
@@ -81,45 +81,17 @@ def model_config(name: str) -> nemojax.NemotronHConfig:
   raise SystemExit(f"--config: got {name!r}, expected 'slice' or 'tiny'")
 
 
-def random_model(cfg, dtype=jnp.bfloat16) -> nemojax.NemotronH:
-  """Random weights made one tensor at a time in their dtype (no float32 copy of the model).
-
-  Values: matrices ~ N(0, 1/fan_in), A_log = log U(1, 16), dt_bias ~ N(-3, 1), vectors 1.
-  """
-  abstract = nnx.eval_shape(lambda: nemojax.NemotronH(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  leaves, treedef = jax.tree.flatten_with_path(state)
-
-  def draw(key, shape, dt, kind):
-    if kind == "A_log":
-      return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dt)
-    if kind == "dt_bias":
-      return (jax.random.normal(key, shape, jnp.float32) - 3.0).astype(dt)
-    if kind == "ones":
-      return jnp.ones(shape, dt)
-    return (jax.random.normal(key, shape, dt) / math.sqrt(shape[-1])).astype(dt)
-
-  draw = jax.jit(draw, static_argnums=(1, 2, 3))
-  values = []
-  for i, (path, leaf) in enumerate(leaves):
-    name = jax.tree_util.keystr(path)
-    kind = ("A_log" if "A_log" in name else "dt_bias" if "dt_bias" in name
-            else "ones" if leaf.ndim == 1 else "weight")
-    values.append(draw(jax.random.key(i), tuple(leaf.shape), jnp.dtype(leaf.dtype), kind))
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
-
-
 def peak_bytes() -> int:
   try:
     return int((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
-  except Exception:  # noqa: BLE001  (CPU backends have no memory stats)
+  except Exception:
     return 0
 
 
 def run_case(name: str, args) -> dict:
   batch_size, overrides, rank = CASES[name]
   cfg = model_config(args.config)
-  model = random_model(cfg)
+  model = T.random_model(cfg)
   total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   matmul_params = total - model.backbone.embeddings.weight.size
   if rank is not None:
