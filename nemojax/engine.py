@@ -30,7 +30,7 @@ that writes `</think>` itself ends its thought as usual. `max_new_tokens` bounds
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

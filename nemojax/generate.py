@@ -10,7 +10,8 @@ temperature 0.6 and top-p 0.95 with reasoning on, greedy with it off; explicit a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -417,7 +418,7 @@ class ChatSession:
 
   def _save_point(self, messages: list[dict], thinking) -> int:
     """Tokens this prompt shares with the next turn's (where the state is worth saving)."""
-    render = lambda msgs: self.tokenizer.apply_chat_template(  # noqa: E731
+    render = lambda msgs: self.tokenizer.apply_chat_template(
         msgs, add_generation_prompt=True, thinking=thinking, tokenize=True)
     stand_in = [{"role": "assistant", "content": "X"}, {"role": "user", "content": "Y"}]
     return _common_prefix(render(messages), render(messages + stand_in))

@@ -24,7 +24,7 @@ lengths, so the compiled shapes stay few.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp

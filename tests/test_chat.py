@@ -64,3 +64,15 @@ def test_send_rejects_bad_arguments(model_and_tok):
   assert chat.history == []
   with pytest.raises(ValueError, match="tokenizer"):
     nemojax.ChatSession(model, tokenizer=None)
+
+
+def test_generate_keeps_a_samplers_prefix_cache(model_and_tok):
+  model, tok = model_and_tok
+  sampler = nemojax.Sampler(model, prefill_chunk=32, prefix_cache=True)
+  kw = dict(tokenizer=tok, max_new_tokens=12, temperature=0.0, prefill_chunk=32)
+  first = nemojax.generate(model, "What is 2 + 2?", sampler=sampler, **kw)[0]
+  again = nemojax.generate(model, "What is 2 + 2?", sampler=sampler, **kw)[0]
+  prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}],
+                                   add_generation_prompt=True, tokenize=True)
+  assert first.cached_prompt_tokens == 0 and again.cached_prompt_tokens == len(prompt) - 1
+  assert again.tokens == first.tokens

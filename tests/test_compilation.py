@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import nemojax
-from nemojax import NemotronHConfig, compilation, engine
+from nemojax import NemotronHConfig, compilation
 from nemojax.sampler import Sampler
 
 
@@ -92,7 +92,7 @@ _CHILD = textwrap.dedent("""
 @pytest.mark.slow
 def test_second_process_loads_programs_from_disk(tmp_path):
   env = {**os.environ, compilation.ENV_VAR: str(tmp_path / "jax")}
-  run = lambda: subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,  # noqa: E731
+  run = lambda: subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                                text=True, check=True).stdout.split(maxsplit=2)
   hits1, _, out1 = run()
   assert any((tmp_path / "jax").iterdir())  # programs written
