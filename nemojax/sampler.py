@@ -241,7 +241,7 @@ class Sampler:
         resume[i] = self.prefix_cache.lookup(p, end) if end > 0 else None
         have = resume[i].length if resume[i] is not None else 0
         extra = [int(x) for x in (save_at[i] if save_at is not None else ())]
-        saves[i] = sorted({*range(every, end, every), end, *extra} & set(range(have + 1, end + 1)))
+        saves[i] = sorted(n for n in {*range(every, end, every), end, *extra} if have < n <= end)
       remaining = max(len(p) - 1 - (r.length if r else 0) for p, r in zip(prompts, resume))
     first = bucket - self.prefill_bucket(remaining + 1) if remaining > 0 else bucket
     prefill_len = self.cache_size or engine.cache_ladder(bucket)
