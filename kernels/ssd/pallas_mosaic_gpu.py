@@ -84,12 +84,19 @@ class Config:
   approx_math: bool = True
   fuse_waits: bool = False
   probe: str = ""
+  backward: str = "pallas"
+  bwd_stages: int = 1
+  bwd_grad_dtype: str = "float32"
 
   def __post_init__(self):
     if self.block_t != _ROWS * _COMPUTE_WGS:
       raise ValueError(f"Config.block_t must be {_ROWS * _COMPUTE_WGS}, got {self.block_t}")
     if self.num_stages < 1:
       raise ValueError(f"Config.num_stages must be >= 1, got {self.num_stages}")
+    if self.backward not in ("pallas", "xla"):
+      raise ValueError(f"Config.backward must be 'pallas' or 'xla', got {self.backward!r}")
+    if self.bwd_stages < 1:
+      raise ValueError(f"Config.bwd_stages must be >= 1, got {self.bwd_stages}")
 
 
 DEFAULT_CONFIG = Config()
@@ -169,12 +176,13 @@ class _Ops:
       return [bx.value for bx in boxes]
     return list(pl.run_state(lambda refs: fn(list(refs)))(tuple(plgpu.ACC.init(v) for v in inits)))
 
-  def mma(self, acc, a, b_ref):
-    """acc += a @ b, `a` in registers (bf16), `b` a shared-memory tile, fp32 accumulation."""
+  def mma(self, acc, a, b_ref, transpose_b: bool = False):
+    """acc += a @ b (or a @ bᵀ), `a` in registers (bf16), `b` a shared-memory tile, fp32 sums."""
     if self.interpret:
-      acc.value = acc.value + jnp.dot(a, b_ref[...], preferred_element_type=f32)
+      bv = b_ref[...]
+      acc.value = acc.value + jnp.dot(a, bv.T if transpose_b else bv, preferred_element_type=f32)
     else:
-      plgpu.wgmma(acc, a, b_ref)
+      plgpu.wgmma(acc, a, plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref)
 
 
 class _Box:
@@ -188,7 +196,8 @@ class _Box:
 # The kernel.
 
 
-def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpret: bool):
+def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpret: bool,
+                  emit_states: bool = False):
   T = config.block_t
   nc = t // T
   r = h // g
@@ -219,7 +228,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       init_bar=plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
   )
 
-  def body(x_ref, bt_ref, c_ref, lam_ref, dt_ref, d_ref, init_ref, y_ref, fin_ref, *,
+  def body(x_ref, bt_ref, c_ref, lam_ref, dt_ref, d_ref, init_ref, y_ref, fin_ref, states_ref, *,
            x_s, c_s, bt_s, lam_s, dt_s, st_s, y_s, in_bar, free_bar, st_ready, st_read,
            init_bar):
     hi = lax.axis_index("h")
@@ -298,6 +307,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
           plgpu.barrier_wait(st_read)
         st_s.at[own][...] = state.astype(dtype)
         plgpu.commit_smem()
+        if emit_states:  # the backward's S_in; read before st_s is next written (waits below)
+          plgpu.copy_smem_to_gmem(st_s.at[own], states_ref.at[bi, hi, c, own, :])
         plgpu.barrier_arrive(st_ready)
         plgpu.barrier_wait(st_ready)
 
@@ -371,14 +382,19 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       pl.when(wg == w)(functools.partial(compute, w))
 
   def entry(*refs):
-    return body(*refs[:9], **refs[9])
+    if emit_states:
+      return body(*refs[:10], **refs[10])
+    return body(*refs[:9], None, **refs[9])
+
+  out_type = [jax.ShapeDtypeStruct((b, t, h, p), dtype), jax.ShapeDtypeStruct((b, h, n, p), f32)]
+  if emit_states:  # Sᵀ entering every block, bf16 [b, h, c, n, p]
+    out_type.append(jax.ShapeDtypeStruct((b, h, nc, n, p), dtype))
 
   interp, compiler_params = platform.mosaic_params(interpret=interpret,
                                                    approx_math=config.approx_math)
   return plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((b, t, h, p), dtype),
-                jax.ShapeDtypeStruct((b, h, n, p), f32)),
+      out_type=tuple(out_type),
       scratch_types=[scratch],
       grid=(h, b),
       grid_names=("h", "b"),
@@ -393,7 +409,21 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
 # Wrapper: layout preparation in XLA, then the kernel.
 
 
-def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
+def split3(s32):
+  """fp32 array → [3, ...] bf16 pieces whose fp32 sum is exact (hi + mid + lo)."""
+  pieces = []
+  for _ in range(3):
+    pieces.append(s32.astype(jnp.bfloat16))
+    s32 = s32 - pieces[-1].astype(f32)
+  return jnp.stack(pieces)
+
+
+def prepare(x, dt, A, B, C, D, initial_state, config: Config):
+  """Checks, padding to whole blocks and the XLA-side layouts both kernels read.
+
+  Returns a dict: shapes (b, t, tp, h, p, g, n), x, B, C padded (bf16), dt and Λ padded and
+  transposed to [b, h, t] (fp32), Bᵀ [b, g, n, t], D (fp32, zeros if None).
+  """
   b, t, h, p, g, n = reference._check_shapes(x, dt, A, B, C, D, initial_state)
   dtype = x.dtype
   if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
@@ -408,58 +438,63 @@ def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
   pad = (-t) % T
   tp = t + pad
   pad_t = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)) if pad else v
-
-  xk = pad_t(x)
   Bk = pad_t(B.astype(dtype))
-  Ck = pad_t(C.astype(dtype))
   dtf = pad_t(dt.astype(f32))                                   # [b, t, h]; padded steps dt = 0
   a = dtf * A.astype(f32)
   lam = jnp.cumsum(a.reshape(b, tp // T, T, h), axis=2).reshape(b, tp, h)
-  lam_t = jnp.transpose(lam, (0, 2, 1))                         # [b, h, t]
-  dt_t = jnp.transpose(dtf, (0, 2, 1))                          # [b, h, t]
-  bt = jnp.transpose(Bk, (0, 2, 3, 1))                          # [b, g, n, t]
-  d = jnp.zeros((h,), f32) if D is None else D.astype(f32)
+  return dict(
+      b=b, t=t, tp=tp, h=h, p=p, g=g, n=n, pad_t=pad_t,
+      x=pad_t(x), B=Bk, C=pad_t(C.astype(dtype)),
+      lam_t=jnp.transpose(lam, (0, 2, 1)),                      # [b, h, t]
+      dt_t=jnp.transpose(dtf, (0, 2, 1)),                       # [b, h, t]
+      bt=jnp.transpose(Bk, (0, 2, 3, 1)),                       # [b, g, n, t]
+      d=jnp.zeros((h,), f32) if D is None else D.astype(f32))
+
+
+def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
+             emit_states: bool = False):
+  k = prepare(x, dt, A, B, C, D, initial_state, config)
+  b, t, h, p, n = k["b"], k["t"], k["h"], k["p"], k["n"]
   has_init = initial_state is not None
   if has_init:  # Sᵀ [b, h, n, p] split exactly into three bf16 pieces
-    s32 = jnp.transpose(initial_state.astype(f32), (0, 1, 3, 2))
-    pieces = []
-    for _ in range(3):
-      pieces.append(s32.astype(jnp.bfloat16))
-      s32 = s32 - pieces[-1].astype(f32)
-    init = jnp.stack(pieces)                                    # [3, b, h, n, p]
+    init = split3(jnp.transpose(initial_state.astype(f32), (0, 1, 3, 2)))
   else:
     init = jnp.zeros((3, 1, 1, n, p), jnp.bfloat16)
 
-  kernel = platform.shared_kernel(_build_kernel, b=b, t=tp, h=h, p=p, g=g, n=n,
-                                  dtype=jnp.dtype(dtype), has_init=has_init, config=config,
-                                  interpret=interpret)
-  y, fin_t = kernel(xk, bt, Ck, lam_t, dt_t, d, init)
-  if pad:
-    y = y[:, :t]
-  return y, jnp.transpose(fin_t, (0, 1, 3, 2))
+  kernel = platform.shared_kernel(_build_kernel, b=b, t=k["tp"], h=h, p=p, g=k["g"], n=n,
+                                  dtype=jnp.dtype(x.dtype), has_init=has_init, config=config,
+                                  interpret=interpret, emit_states=emit_states)
+  y, fin_t, *states = kernel(k["x"], k["bt"], k["C"], k["lam_t"], k["dt_t"], k["d"], init)
+  y = y[:, :t] if k["tp"] != t else y
+  fin = jnp.transpose(fin_t, (0, 1, 3, 2))
+  return (y, fin, states[0]) if emit_states else (y, fin)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
-  del chunk_size  # the kernel's chunk is config.block_t; see the module docstring
+  del chunk_size  # the kernel's schedule is config.block_t; see the module docstring
   return _forward(x, dt, A, B, C, D, initial_state, config, interpret)
 
 
 def _ssd_fwd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
-  out = _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret)
-  return out, (x, dt, A, B, C, D, initial_state)
+  if config.backward == "xla":
+    out = _forward(x, dt, A, B, C, D, initial_state, config, interpret)
+    return out, (x, dt, A, B, C, D, initial_state, None)
+  y, fin, states = _forward(x, dt, A, B, C, D, initial_state, config, interpret, emit_states=True)
+  return (y, fin), (x, dt, A, B, C, D, initial_state, states)
 
 
 def _ssd_bwd(chunk_size, config, interpret, res, cotangents):
-  # Backward through the XLA chunked reference (same function); a Pallas backward can come later.
-  del config, interpret
-  x, dt, A, B, C, D, initial_state = res
+  x, dt, A, B, C, D, initial_state, states = res
+  if config.backward == "xla":  # the XLA chunked reference's VJP (same function)
+    def ref(x, dt, A, B, C, D, initial_state):
+      return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
 
-  def ref(x, dt, A, B, C, D, initial_state):
-    return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
-
-  _, vjp = jax.vjp(ref, x, dt, A, B, C, D, initial_state)
-  return vjp(cotangents)
+    _, vjp = jax.vjp(ref, x, dt, A, B, C, D, initial_state)
+    return vjp(cotangents)
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd  # noqa: PLC0415 (imports this module)
+  return pallas_mosaic_gpu_bwd.backward(x, dt, A, B, C, D, initial_state, states, cotangents,
+                                        config=config, interpret=interpret)
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
