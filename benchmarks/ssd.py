@@ -96,7 +96,7 @@ def main():
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--head-dims", default="80,64")
   ap.add_argument("--chunks", default="128,256")
-  ap.add_argument("--impls", default="pallas,xla,mamba")
+  ap.add_argument("--impls", default="pallas,xla,mamba,jla")
   ap.add_argument("--mamba-path", default=None)
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--variant-shapes", default="", help="time the variants only at these shapes")
@@ -109,6 +109,10 @@ def main():
                   help="extra pallas configs timed side by side, ';'-separated override lists")
   ap.add_argument("--out", default=os.environ.get("OUT"))
   ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the harness itself")
+  ap.add_argument("--backward", action="store_true",
+                  help="forward and forward+backward vs jax-linear-attention and mamba_ssm "
+                       "(benchmarks/ssd_backward.py)")
+  ap.add_argument("--grad-check-max-tokens", type=int, default=1 << 17)
   args = ap.parse_args()
   if args.smoke:  # few heads so that the CPU interpreter finishes quickly
     global H, G
@@ -127,6 +131,21 @@ def main():
   impls = args.impls.split(",")
   variants = {f"pallas[{v}]": make_config(v) for v in args.variants.split(";") if v}
   impls += list(variants)
+  if args.backward:
+    if args.mamba_path:
+      sys.path.insert(0, args.mamba_path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ssd_backward  # noqa: PLC0415
+    configs = {"": config} | {f"[{v}]": make_config(v) for v in args.variants.split(";") if v}
+    ssd_backward.run(args, H=H, N=N, G=G, time_fn=time_fn, configs=configs)
+    return
+  jla_gla = None
+  if "jla" in impls:
+    try:
+      from jla.ops.mosaic_gpu.scalar_gate import simple_gla as jla_gla
+    except Exception as e:
+      print(f"jax-linear-attention unavailable: {e!r}")
+      impls.remove("jla")
   torch = None
   if "mamba" in impls:
     try:
@@ -163,6 +182,16 @@ def main():
   jit_variants = {k: jax.jit(functools.partial(ours, config=c), static_argnums=7)
                   for k, c in variants.items()}
   jit_xla = jax.jit(xla, static_argnums=7)
+
+  def jla(x, dt_raw, A, B, C, D, dt_bias, chunk):
+    del chunk  # jla's own chunk (64)
+    dt = softplus(dt_raw + dt_bias)
+    y, s = jla_gla(C, B, (x * dt[..., None]).astype(x.dtype), dt * A, scale=1.0,
+                   output_final_state=True)
+    y = y.astype(jnp.float32) + D[:, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), jnp.swapaxes(s, -1, -2)  # jla's state is [h, n, p]
+
+  jit_jla = jax.jit(jla, static_argnums=7)
   jit_ref = jax.jit(ref32, static_argnums=7)
   jsync = lambda o: jax.block_until_ready(o)
 
@@ -201,7 +230,9 @@ def main():
             else:
               if impl == "xla" and b * L > args.xla_max_tokens:
                 continue
-              f = jit_variants.get(impl) or (jit_ours if impl == "pallas" else jit_xla)
+              if impl == "jla" and p not in (64, 128):
+                continue
+              f = jit_variants.get(impl) or {"pallas": jit_ours, "jla": jit_jla}.get(impl, jit_xla)
               t0 = time.perf_counter()
               out = jax.block_until_ready(f(*inp, chunk))
               row[f"{impl}_first_s"] = time.perf_counter() - t0
@@ -293,8 +324,9 @@ def bench_step(impls, torch, jsync, reps=100):
 
 def print_table(rows):
   print()
-  print("| b×L | P | Q | t* ms | pallas ms | eff | xla ms | mamba ms | pallas/mamba | err y | err state |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| b×L | P | Q | t* ms | pallas ms | eff | xla ms | mamba ms | jla ms | pallas/mamba "
+        "| err y | err state |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     if r.get("step"):
       continue
@@ -303,7 +335,7 @@ def print_table(rows):
     ratio = (f"{r['pallas_ms'] / r['mamba_ms']:.2f}" if "pallas_ms" in r and "mamba_ms" in r
              else "-")
     print(f"| {r['shape']} | {r['p']} | {r['chunk']} | {r['roofline_ms']:.3f} | {f('pallas_ms')} "
-          f"| {eff} | {f('xla_ms')} | {f('mamba_ms')} | {ratio} | {f('pallas_err_y', '{:.1e}')} "
+          f"| {eff} | {f('xla_ms')} | {f('mamba_ms')} | {f('jla_ms')} | {ratio} | {f('pallas_err_y', '{:.1e}')} "
           f"| {f('pallas_err_state', '{:.1e}')} |")
   steps = [r for r in rows if r.get("step")]
   if steps:
