@@ -183,7 +183,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
         plgpu.barrier_arrive(ds_read)
         du = du * bcast(w_own, du.shape, 0)
         v6 = jnp.sum(du * x_own.astype(f32), axis=1)
-        for j in range(w, _WGS):
+        for j in range(w, _WGS) if config.probe != "bwd_no_intra" else ():
           src = tiles[j]
           lam_l = ops.load(lam_t.at[src], COL)
           e = jnp.exp(jnp.minimum(bcast(lam_l, sq, 1) - bcast(lam_own, sq, 0), 0.0))
@@ -199,7 +199,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
           du, db = ops.run(lambda a: (ops.mma(a[0], mt, dy_t.at[src]),
                                       ops.mma(a[1], q, c_t.at[src])), [du, db])
         rows = pl.ds(c * T + w * _ROWS, _ROWS)
-        db_ref.at[bi, rows, hi, :][...] = db.astype(grad_dtype)
+        if config.probe != "bwd_no_store":
+          db_ref.at[bi, rows, hi, :][...] = db.astype(grad_dtype)
         dy_own = ops.load(dy_t.at[own], WG).astype(f32)
         xf = x_own.astype(f32)
         v2 = jnp.sum(du * xf, axis=1)
@@ -212,7 +213,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
         dc, = ops.run(lambda a: ops.mma(a[0], dy_b, st_t, transpose_b=True), [(_ROWS, n)])
         dc = dc * bcast(jnp.exp(lam_own), dc.shape, 0)                # e^{Λ_l} dY S_in
         v1 = jnp.sum(c_own.astype(f32) * dc, axis=1)
-        for j in range(w + 1):
+        for j in range(w + 1) if config.probe != "bwd_no_intra" else ():
           src = tiles[j]
           lam_s_ = ops.load(lam_t.at[src], COL)
           e = jnp.exp(jnp.minimum(bcast(lam_own, sq, 0) - bcast(lam_s_, sq, 1), 0.0))
@@ -225,7 +226,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
           v1 = v1 + jnp.sum(pm * cb, axis=1)
           pmb = pm.astype(dtype)
           dc, = ops.run(lambda a: ops.mma(a[0], pmb, b_t.at[src]), [dc])
-        dc_ref.at[bi, rows, hi, :][...] = dc.astype(grad_dtype)
+        if config.probe != "bwd_no_store":
+          dc_ref.at[bi, rows, hi, :][...] = dc.astype(grad_dtype)
 
         # ---- own state rows n: ⟨dS, S_in⟩ and dSᵀ ← e^{Λ_last} dSᵀ + Cᵀ diag(e^Λ) dY.
         v4 = jnp.sum(dsT * ops.load(st_t.at[own], WG).astype(f32), axis=1)
