@@ -86,7 +86,7 @@ class Config:
   probe: str = ""
   backward: str = "pallas"
   bwd_stages: int = 1
-  bwd_grad_dtype: str = "float32"
+  bwd_grad_dtype: str = "bfloat16"
 
   def __post_init__(self):
     if self.block_t != _ROWS * _COMPUTE_WGS:

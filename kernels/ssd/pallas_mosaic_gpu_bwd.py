@@ -57,16 +57,27 @@ _WGS = fwd._COMPUTE_WGS
 NUM_SUMS = 6  # v1..v6 of the module docstring
 
 
-def smem_bytes(head_dim: int, state_size: int = 128, config: fwd.Config = fwd.DEFAULT_CONFIG):
-  """Shared memory of one CTA (bf16 inputs)."""
+def smem_bytes(head_dim: int, state_size: int = 128, config: fwd.Config = fwd.DEFAULT_CONFIG,
+               stage_dx: bool = True) -> int:
+  """Shared memory of one CTA (bf16 inputs); `stage_dx`: dx leaves through a TMA tile."""
   t, p, n = config.block_t, head_dim, state_size
   stage = 2 * (2 * t * p + 3 * t * n + n * p) + 4 * 2 * t  # x, dY, B, C, Cᵀ, Sᵀ_in; Λ, dt
-  return config.bwd_stages * stage + 2 * n * p + 2 * t * p + 4 * NUM_SUMS * t + 1024
+  grads = 2 * _WGS * _ROWS * n if _tma_grads(config) else 0  # dB / dC staging (bf16)
+  return (config.bwd_stages * stage + 2 * n * p + grads + (2 * t * p if stage_dx else 0)
+          + 4 * NUM_SUMS * t + 1024)
+
+
+def _tma_grads(config) -> bool:
+  # bf16 dB/dC tiles leave through shared memory and TMA; fp32 ones (no room for the tiles) are
+  # stored from registers, which costs ~3.5 ms per 16k tokens (H200, 2026-12-02).
+  return jnp.dtype(config.bwd_grad_dtype) == jnp.dtype(jnp.bfloat16)
 
 
 def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, interpret):
   """The backward kernel; its body is long because it is the kernel (one block, all products)."""
   T = config.block_t
+  tma_grads = _tma_grads(config)
+  stage_dx = smem_bytes(p, n, config, stage_dx=True) <= fwd._SMEM_LIMIT
   nc = t // T
   r = h // g
   S = min(config.bwd_stages, nc)
@@ -87,7 +98,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
       ct_s=smem((S, n, T), dtype, T), st_s=smem((S, n, p), dtype, p),
       lam_s=plgpu.SMEM((S, T), f32), dt_s=plgpu.SMEM((S, T), f32),
       ds_s=smem((n, p), dtype, p),                      # dSᵀ leaving the block, bf16 operand
-      dx_o=smem((_WGS, _ROWS, p), dtype, p),
+      dx_o=smem((_WGS, _ROWS, p), dtype, p) if stage_dx else None,
+      g_o=smem((_WGS, _ROWS, n), dtype, n) if tma_grads else None,
       v_o=plgpu.SMEM((_WGS, NUM_SUMS, _ROWS), f32),
       in_bar=plgpu.Barrier(num_arrivals=8, num_barriers=S),
       free_bar=plgpu.Barrier(num_arrivals=_WGS, num_barriers=S),
@@ -95,10 +107,11 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
       ds_read=plgpu.Barrier(num_arrivals=_WGS),
       init_bar=plgpu.Barrier(num_arrivals=1, num_barriers=_WGS),
   )
+  scratch = {k: v for k, v in scratch.items() if v is not None}
 
   def body(x_ref, dy_ref, b_ref, c_ref, ct_ref, st_ref, lam_ref, dt_ref, d_ref, dfin_ref,
            dx_ref, db_ref, dc_ref, v_ref, ds0_ref, *, x_s, dy_s, b_s, c_s, ct_s, st_s, lam_s,
-           dt_s, ds_s, dx_o, v_o, in_bar, free_bar, ds_ready, ds_read, init_bar):
+           dt_s, ds_s, v_o, in_bar, free_bar, ds_ready, ds_read, init_bar, dx_o=None, g_o=None):
     hi = lax.axis_index("h")
     bi = lax.axis_index("b")
     gi = lax.div(hi, jnp.int32(r))
@@ -139,16 +152,27 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
       own = pl.ds(w * _ROWS, _ROWS)
       d = d_ref[hi]
       dsT = ops.zeros((_ROWS, p))
-      if has_dfin:  # dSᵀ of the final state as three bf16 pieces, staged through the dx tile
+      if has_dfin:  # dSᵀ of the final state as three bf16 pieces, staged through own rows of ds_s
         for k in range(3):
-          plgpu.copy_gmem_to_smem(dfin_ref.at[k, bi, hi, own, :], dx_o.at[w], init_bar.at[w])
+          plgpu.copy_gmem_to_smem(dfin_ref.at[k, bi, hi, own, :], ds_s.at[own], init_bar.at[w])
           plgpu.barrier_wait(init_bar.at[w])
-          dsT = dsT + ops.load(dx_o.at[w], WG).astype(f32)
+          dsT = dsT + ops.load(ds_s.at[own], WG).astype(f32)
           if not interpret:
             plgpu.commit_smem()
 
       def bcast(v, shape, dim):
         return lax.broadcast_in_dim(v, shape, [dim])
+
+      def store_grad(val, ref, rows):
+        if config.probe == "bwd_no_store":
+          return
+        if not tma_grads:
+          ref.at[bi, rows, hi, :][...] = val.astype(grad_dtype)
+          return
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the tile's previous TMA store read it
+        g_o.at[w][...] = val.astype(grad_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(g_o.at[w], ref.at[bi, rows, hi, :])
 
       def block(i, dsT):
         c = nc - 1 - i
@@ -199,8 +223,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
           du, db = ops.run(lambda a: (ops.mma(a[0], mt, dy_t.at[src]),
                                       ops.mma(a[1], q, c_t.at[src])), [du, db])
         rows = pl.ds(c * T + w * _ROWS, _ROWS)
-        if config.probe != "bwd_no_store":
-          db_ref.at[bi, rows, hi, :][...] = db.astype(grad_dtype)
+        store_grad(db, db_ref, rows)
         dy_own = ops.load(dy_t.at[own], WG).astype(f32)
         xf = x_own.astype(f32)
         v2 = jnp.sum(du * xf, axis=1)
@@ -226,8 +249,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
           v1 = v1 + jnp.sum(pm * cb, axis=1)
           pmb = pm.astype(dtype)
           dc, = ops.run(lambda a: ops.mma(a[0], pmb, b_t.at[src]), [dc])
-        if config.probe != "bwd_no_store":
-          dc_ref.at[bi, rows, hi, :][...] = dc.astype(grad_dtype)
+        store_grad(dc, dc_ref, rows)
 
         # ---- own state rows n: ⟨dS, S_in⟩ and dSᵀ ← e^{Λ_last} dSᵀ + Cᵀ diag(e^Λ) dY.
         v4 = jnp.sum(dsT * ops.load(st_t.at[own], WG).astype(f32), axis=1)
@@ -239,11 +261,15 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
 
         # ---- outputs of these rows: dx tile and the five sums (TMA), after the last reads.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        dx_o.at[w][...] = dx.astype(dtype)
+        if stage_dx:
+          dx_o.at[w][...] = dx.astype(dtype)
+        else:
+          dx_ref.at[bi, rows, hi, :][...] = dx.astype(dtype)
         for k, v in enumerate((v1, v2, v3, v4, v5, v6)):
           v_o.at[w, k][...] = v
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dx_o.at[w], dx_ref.at[bi, rows, hi, :])
+        if stage_dx:
+          plgpu.copy_smem_to_gmem(dx_o.at[w], dx_ref.at[bi, rows, hi, :])
         plgpu.copy_smem_to_gmem(v_o.at[w], v_ref.at[bi, hi, :, rows])
         return dsT
 
