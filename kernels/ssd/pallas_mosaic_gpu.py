@@ -35,6 +35,13 @@ shared-memory tiles and the SMEM buffers carry no swizzle; everything else is th
 Measured on an H200 (benchmarks/RESULTS.md, "SSD kernel"): 0.16–0.45× mamba_ssm's time at all 20
 BENCHMARKS.md shapes (head dims 80 and 64, chunks 128 and 256), ‖Δy‖/‖y‖ ≈ 2.4e-3 against an fp32
 reference.
+
+Training: `ssd` is a `custom_vjp`. Its forward runs this kernel with `emit_states`, which also
+writes the bf16 Sᵀ entering every block (one TMA store of the tile the C·Sᵀ product reads; 2·n·p
+bytes per head and block, ~20 KB per token at p = 80: saved rather than recomputed because a
+recompute pass would read x, B, C again and cost more), and its backward runs
+`pallas_mosaic_gpu_bwd` (a reverse walk over the blocks). `Config(backward="xla")` keeps the XLA
+reference's VJP (the path on every non-Hopper backend, where the dispatcher never picks this module).
 """
 
 from __future__ import annotations
@@ -511,14 +518,20 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
     B, C: [b, t, g, n], cast to x.dtype for the tensor cores.
     D: [h] or None.
     initial_state: [b, h, p, n] or None.
-    chunk_size: accepted for the dispatcher's contract; the kernel always works in blocks of
-      `config.block_t` steps (the result does not depend on the chunk length beyond rounding).
+    chunk_size: the chunk length of the chunked algorithm. In exact arithmetic the result does
+      not depend on it, so the kernels (forward and backward) always work in blocks of
+      `config.block_t` = 128 steps; `supports` accepts the chunk sizes the models use (128, 256)
+      and this function validates it, so that a chunk size is never silently ignored elsewhere.
     config: tuning knobs (`Config`).
     interpret: run on Mosaic GPU's CPU interpreter (tests).
 
   Returns:
     y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32. Differentiable: the
-    backward pass runs the XLA chunked reference.
+    backward pass runs the Pallas backward kernel (`pallas_mosaic_gpu_bwd`), fed by the block
+    states this forward saves, or the XLA reference's VJP with `Config(backward="xla")`.
   """
   config = DEFAULT_CONFIG if config is None else config
+  if int(chunk_size) not in (128, 256):
+    raise ValueError(f"ssd (pallas): chunk_size must be 128 or 256, got {chunk_size}; "
+                     "use implementation='xla' for other chunk sizes")
   return _ssd(x, dt, A, B, C, D, initial_state, int(chunk_size), config, bool(interpret))
