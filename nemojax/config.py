@@ -4,7 +4,9 @@
 `config.json`, so a checkpoint's config maps onto it one to one. The layer pattern is parsed once
 into a tuple of `LayerType`; derived sizes (`d_inner`, `conv_dim`, ...) are properties.
 
-Pattern letters: ``M`` Mamba-2 mixer, ``*`` attention, ``-`` MLP (``E`` MoE is not supported).
+Pattern letters: ``M`` Mamba-2 mixer, ``*`` attention, ``-`` MLP, ``E`` mixture of experts
+(Nemotron 3; see `nemojax/moe.py`). Multi-token-prediction layers (`num_nextn_predict_layers`,
+`mtp.*` tensors) are read and ignored, as transformers 5.17 does.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class LayerType(enum.Enum):
   MAMBA = "M"
   ATTENTION = "*"
   MLP = "-"
+  MOE = "E"
 
   @property
   def hf_name(self) -> str:
@@ -31,6 +34,7 @@ _HF_BLOCK_NAMES = {
     LayerType.MAMBA: "mamba",
     LayerType.ATTENTION: "attention",
     LayerType.MLP: "mlp",
+    LayerType.MOE: "moe",
 }
 # Names used in `layers_block_type` lists by transformers (both generations of spelling).
 _BLOCK_NAME_TO_LETTER = {
@@ -59,11 +63,36 @@ _ALIASES = {
     "mamba_dt_limit": "time_step_limit",
     "mamba_expand": "expand",
     "rms_norm_eps": "layer_norm_epsilon",
+    "num_local_experts": "n_routed_experts",  # transformers' attribute_map
 }
 
 
 class ConfigError(ValueError):
   """A config that does not describe a valid Nemotron-H model."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is damaged, incomplete, or does not match its config (the message names
+  the file or tensor). Defined here, beside ConfigError, so that both the converters (which may
+  import only the config) and the loader raise the same type."""
+
+
+# The dtype policy, written once: these parameters stay float32 whatever the model's dtype, since
+# the SSM's decay and skip terms and the norm scales are precision-sensitive (mamba_ssm and vLLM
+# do the same). Checked against the last component of a parameter's name (`A_log`) or, for the
+# norm scales, the module holding the `weight` (`norm`, `norm_f`).
+# The router of an MoE layer (`gate`) stays float32 too, so the choice of experts does not depend
+# on the model's dtype.
+FLOAT32_PARAMS = frozenset({"A_log", "D", "dt_bias", "e_score_correction_bias"})
+FLOAT32_MODULES = frozenset({"norm", "norm_f", "gate"})
+
+
+def keeps_float32(name: str) -> bool:
+  """Whether parameter `name` (an HF name like "backbone.layers.0.mixer.A_log", or its tail) is
+  kept in float32 regardless of the model's dtype."""
+  parts = name.split(".")
+  return parts[-1] in FLOAT32_PARAMS or (
+      len(parts) > 1 and parts[-1] == "weight" and parts[-2] in FLOAT32_MODULES)
 
 
 def _json_float(x, source: str) -> float:
@@ -91,6 +120,14 @@ class NemotronHConfig:
     ssm_state_size: N. n_groups: G (B/C groups, shared by H/G consecutive heads).
     conv_kernel: K, the depthwise causal conv width.
     chunk_size: Q, the SSD chunk length.
+    n_routed_experts, num_experts_per_tok: E routed experts per MoE layer, k chosen per token.
+    moe_intermediate_size: width of each routed expert (relu², no gate).
+    n_shared_experts, moe_shared_expert_intermediate_size: the always-on shared expert; like
+      transformers, one MLP of the given width whatever n_shared_experts (>= 1) says.
+    moe_latent_size: LatentMoE width L: routed experts work on fc1_latent_proj(x) [L] and their sum
+      goes back through fc2_latent_proj; None means experts work at hidden_size.
+    routed_scaling_factor, norm_topk_prob, n_group, topk_group: the router (see `moe.py`).
+    num_nextn_predict_layers: MTP layers of the checkpoint; accepted and ignored.
   """
 
   vocab_size: int = 131072
@@ -127,6 +164,18 @@ class NemotronHConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   expand: int = 2  # Present in HF configs; unused (the inner width is mamba_num_heads * mamba_head_dim).
+  # Mixture of experts ('E' layers); defaults are transformers' NemotronHConfig defaults.
+  n_routed_experts: int = 8
+  n_shared_experts: int = 1
+  moe_intermediate_size: int = 7688
+  moe_shared_expert_intermediate_size: int = 7688
+  moe_latent_size: int | None = None
+  num_experts_per_tok: int = 2
+  routed_scaling_factor: float = 1.0
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = True
+  num_nextn_predict_layers: int = 0  # MTP: read and ignored (transformers 5.17 ignores mtp.*)
 
   def __post_init__(self):
     self.validate()
@@ -147,8 +196,7 @@ class NemotronHConfig:
     need(isinstance(pattern, str), "hybrid_override_pattern", f"expected a string, got {pattern!r}")
     bad = sorted(set(pattern) - {t.value for t in LayerType})
     need(not bad, "hybrid_override_pattern",
-         f"unknown layer letters {bad} in {pattern!r} (expected only 'M', '*', '-'"
-         + ("; MoE layers 'E' are not supported" if "E" in bad else "") + ")")
+         f"unknown layer letters {bad} in {pattern!r} (expected only 'M', '*', '-', 'E')")
     need(len(pattern) == self.num_hidden_layers, "hybrid_override_pattern",
          f"has {len(pattern)} letters but num_hidden_layers is {self.num_hidden_layers}")
     if LayerType.MAMBA.value in pattern:
@@ -173,9 +221,49 @@ class NemotronHConfig:
       need(self.mlp_hidden_act == "relu2", "mlp_hidden_act",
            f"only 'relu2' is supported, got {self.mlp_hidden_act!r}")
       need(not self.mlp_bias, "mlp_bias", "MLP biases are not supported")
+    if LayerType.MOE.value in pattern:
+      self._validate_moe(need)
+    nextn = self.num_nextn_predict_layers
+    need(isinstance(nextn, int) and nextn >= 0, "num_nextn_predict_layers",
+         f"expected a non-negative integer, got {nextn!r}")
     need(not self.tie_word_embeddings, "tie_word_embeddings",
          "Nemotron-H has an untied lm_head; tied embeddings are not supported")
     need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be positive")
+
+  def _validate_moe(self, need) -> None:
+    for key in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "moe_shared_expert_intermediate_size", "n_group", "topk_group"):
+      v = getattr(self, key)
+      need(isinstance(v, int) and not isinstance(v, bool) and v > 0, key,
+           f"expected a positive integer, got {v!r}")
+    e, k = self.n_routed_experts, self.num_experts_per_tok
+    need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 1, "n_shared_experts",
+         f"expected an integer >= 1 (transformers always builds one shared expert), "
+         f"got {self.n_shared_experts!r}")
+    latent = self.moe_latent_size
+    need(latent is None or (isinstance(latent, int) and latent > 0), "moe_latent_size",
+         f"expected null or a positive integer, got {latent!r}")
+    need(k <= e, "num_experts_per_tok",
+         f"{k} experts per token but only n_routed_experts={e} experts")
+    need(e % self.n_group == 0, "n_group",
+         f"n_routed_experts ({e}) must be divisible by n_group ({self.n_group})")
+    need(self.topk_group <= self.n_group, "topk_group",
+         f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+    per_group = e // self.n_group
+    # A group's score is the sum of its two best experts (transformers' router).
+    need(self.n_group == 1 or per_group >= 2, "n_group",
+         f"groups need at least 2 experts each, got {per_group} ({e} experts / {self.n_group})")
+    need(k <= self.topk_group * per_group, "num_experts_per_tok",
+         f"{k} experts per token but topk_group={self.topk_group} groups of {per_group} "
+         f"offer only {self.topk_group * per_group}")
+    s = self.routed_scaling_factor
+    need(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s),
+         "routed_scaling_factor", f"expected a finite number, got {s!r}")
+    need(isinstance(self.norm_topk_prob, bool), "norm_topk_prob",
+         f"expected true or false, got {self.norm_topk_prob!r}")
+    need(self.mlp_hidden_act == "relu2", "mlp_hidden_act",
+         f"experts use mlp_hidden_act; only 'relu2' is supported, got {self.mlp_hidden_act!r}")
+    need(not self.mlp_bias, "mlp_bias", "expert and latent-projection biases are not supported")
 
   # ----------------------------------------------------------------------------------------------
   # Derived sizes
@@ -214,9 +302,25 @@ class NemotronHConfig:
       return ()
     return tuple(e) if isinstance(e, (tuple, list)) else (int(e),)
 
-  def num_params(self) -> int:
-    """Parameter count computed from the config (independently of the modules)."""
+  @property
+  def moe_expert_dim(self) -> int:
+    """Width the routed experts read and write: moe_latent_size (LatentMoE) or hidden_size."""
+    return self.moe_latent_size if self.moe_latent_size is not None else self.hidden_size
+
+  def num_params(self, active: bool = False) -> int:
+    """Parameter count computed from the config (independently of the modules).
+
+    Counts what torch's `model.parameters()` counts: the router's `e_score_correction_bias` is a
+    buffer, not a parameter. `active=True` counts each MoE layer's routed experts as
+    `num_experts_per_tok` of them (the weights one token's forward pass touches); embeddings and
+    the LM head count in both.
+    """
     d, v = self.hidden_size, self.vocab_size
+    routed = self.num_experts_per_tok if active else self.n_routed_experts
+    moe = (self.n_routed_experts * d  # router
+           + routed * 2 * self.moe_expert_dim * self.moe_intermediate_size
+           + 2 * d * self.moe_shared_expert_intermediate_size
+           + (2 * d * self.moe_latent_size if self.moe_latent_size is not None else 0))
     per = {
         LayerType.MAMBA: (self.in_proj_dim * d + self.conv_dim * self.conv_kernel
                           + (self.conv_dim if self.use_conv_bias else 0)
@@ -224,6 +328,7 @@ class NemotronHConfig:
         LayerType.ATTENTION: (d * self.num_attention_heads * self.head_dim * 2
                               + d * self.num_key_value_heads * self.head_dim * 2),
         LayerType.MLP: 2 * d * self.intermediate_size,
+        LayerType.MOE: moe,
     }
     total = 2 * v * d + d  # embeddings, lm_head, norm_f
     for t in self.layer_types:
@@ -346,6 +451,72 @@ class NemotronHConfig:
         mamba_num_heads=128,
         mamba_head_dim=64,
         max_position_embeddings=8192,
+    )
+
+  @classmethod
+  def nemotron_3_nano_30b_a3b(cls) -> "NemotronHConfig":
+    """NVIDIA-Nemotron-3-Nano-30B-A3B: 52 layers (23 Mamba-2, 23 MoE, 6 attention), 128 routed
+    experts + 1 shared, top-6; 31,577,937,344 parameters, 3,580,073,408 active.
+
+    Sources: the model's config.json as quoted in public test fixtures (e.g. a `nemotron3_jax`
+    model test) and NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
+    (`Nemotron3NanoProvider`: topk 6, scaling 2.5, shared width 3712 = 2 x 1856).
+    """
+    return cls(
+        hidden_size=2688,
+        intermediate_size=1856,
+        num_hidden_layers=52,
+        hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        mamba_num_heads=64,
+        mamba_head_dim=64,
+        max_position_embeddings=262144,
+        n_routed_experts=128,
+        n_shared_experts=1,
+        moe_intermediate_size=1856,
+        moe_shared_expert_intermediate_size=3712,
+        num_experts_per_tok=6,
+        routed_scaling_factor=2.5,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+    )
+
+  @classmethod
+  def nemotron_3_super_120b_a12b(cls) -> "NemotronHConfig":
+    """NVIDIA-Nemotron-3-Super-120B-A12B: 88 layers (40 Mamba-2, 40 LatentMoE, 8 attention), 512
+    routed experts in a 1024-wide latent space + 1 shared, top-22; 120,668,687,360 parameters,
+    12,770,216,960 active.
+
+    Source: NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
+    (`Nemotron3SuperProvider`). *Unverified* against the released config.json (vocabulary size,
+    norm_topk_prob and the MTP layer count are the family's values): load the checkpoint's
+    config.json rather than relying on this preset for real weights.
+    """
+    return cls(
+        hidden_size=4096,
+        intermediate_size=2688,
+        num_hidden_layers=88,
+        hybrid_override_pattern=("MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*"
+                                 "EMEMEMEMEM*EMEMEMEM*EMEMEMEME"),
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        mamba_num_heads=128,
+        mamba_head_dim=64,
+        max_position_embeddings=262144,
+        n_routed_experts=512,
+        n_shared_experts=1,
+        moe_intermediate_size=2688,
+        moe_shared_expert_intermediate_size=5376,
+        moe_latent_size=1024,
+        num_experts_per_tok=22,
+        routed_scaling_factor=5.0,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
     )
 
   @classmethod

@@ -14,17 +14,17 @@ Calling conventions (functional cache, DESIGN point 6):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemojax import jit
 from nemojax.attention import Attention
 from nemojax.cache import Cache, init_cache
 from nemojax.config import LayerType, NemotronHConfig
 from nemojax.layers import MLP, Embedding, Linear, RMSNorm, scaled_out_std
 from nemojax.mamba2 import Mamba2Mixer
+from nemojax.moe import MoE
 
 f32 = jnp.float32
 
@@ -41,6 +41,8 @@ class Block(nnx.Module):
                                ssd_implementation=ssd_implementation)
     elif layer_type is LayerType.ATTENTION:
       self.mixer = Attention(config, dtype=dtype, rngs=rngs)
+    elif layer_type is LayerType.MOE:  # stateless like the MLP: called by the `else` below
+      self.mixer = MoE(config, dtype=dtype, rngs=rngs)
     else:
       self.mixer = MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs,
                        out_std=scaled_out_std(config.initializer_range, config.num_hidden_layers))
@@ -129,8 +131,8 @@ class NemotronH(nnx.Module):
     Compiled as one program (inlined when already inside a jit or other transform), so that
     calling the model eagerly does not compile hundreds of small ops one at a time.
     """
-    graphdef, state = nnx.split(self)
-    return _forward(graphdef, state, jnp.asarray(input_ids), cache, start)
+    graph, state = jit.split(self)
+    return _forward(graph, state, jnp.asarray(input_ids), cache, start)
 
   def init_cache(self, batch_size: int, max_len: int) -> Cache:
     """An empty decode state for `batch_size` rows and `max_len` cache positions."""
@@ -150,15 +152,17 @@ class NemotronH(nnx.Module):
         block.mixer.ssd_implementation = implementation
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, input_ids, cache, start):
+def _forward_fn(graph: jit.Graph, state, input_ids, cache, start):
   # Pure function of the split model: no state flows back, so it composes with any outer
   # transform (jax.jit closing over the model, nnx.grad, ...).
-  model = nnx.merge(graphdef, state)
+  model = graph.merge(state)
   if cache is None:
     return model.logits(model.hidden_states(input_ids, start=start))
   h, cache = model.hidden_states(input_ids, cache=cache)
   return model.logits(h), cache
+
+
+_forward = jit.jit(_forward_fn)
 
 
 def count_params(model_or_state) -> int:

@@ -24,6 +24,20 @@ CONFIGS = {
         mamba_head_dim=6, ssm_state_size=7, n_groups=3, chunk_size=16, vocab_size=199),
 }
 
+# Tiny MoE configurations (kept apart from CONFIGS, whose tests expect three layer types):
+# "moe" has all four layer types, 8 experts, top-2, renormalised, scaled; "latent" is LatentMoE
+# with grouped top-k (4 groups, best 2) and no renormalisation.
+MOE_CONFIGS = {
+    "moe": NemotronHConfig.tiny(
+        hybrid_override_pattern="MEM*E-E", n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=20, moe_shared_expert_intermediate_size=28,
+        routed_scaling_factor=2.5, norm_topk_prob=True),
+    "latent": NemotronHConfig.tiny(
+        hybrid_override_pattern="E*MEME", n_routed_experts=12, num_experts_per_tok=3,
+        moe_intermediate_size=18, moe_shared_expert_intermediate_size=30, moe_latent_size=20,
+        n_group=4, topk_group=2, routed_scaling_factor=1.5, norm_topk_prob=False),
+}
+
 # The project's tolerances, one table per dtype, as ‖actual − expected‖ / ‖expected‖ (`rel_err`).
 # Rows say what is compared:
 #   "same"        the same math computed in another order (chunked vs scan, cache vs full
@@ -74,6 +88,7 @@ def hf_config(config: NemotronHConfig):
     kw.pop(k, None)
   kw["time_step_limit"] = tuple(config.time_step_limit)
   kw["use_mamba_kernels"] = False
+  kw["experts_implementation"] = "eager"  # the per-expert loop; grouped_mm needs aligned shapes
   return HFConfig(**kw)
 
 
@@ -99,6 +114,9 @@ def randomize_(model, seed: int = 0) -> None:
       else:  # linear [out, in]
         new = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
       p.copy_(new.to(p.dtype))
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):  # so choice and weights use different scores
+        b.copy_((0.3 * torch.randn(b.shape, generator=g)).to(b.dtype))
 
 
 def make_hf_model(config: NemotronHConfig, seed: int = 0):

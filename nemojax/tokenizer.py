@@ -1,62 +1,57 @@
-"""Tokenizer, chat template and reasoning control for Nemotron-H checkpoints.
+"""Tokenizer of Nemotron-H checkpoints, and streaming detokenisation.
 
 `Tokenizer` reads a Hugging Face fast tokenizer (`tokenizer.json`) with the `tokenizers` library
-and renders chat prompts with the checkpoint's Jinja template in a sandbox set up as transformers
-sets it up (trim_blocks, lstrip_blocks, loopcontrols, ``{% generation %}``, HF's `tojson`,
-`raise_exception`, `strftime_now`, special tokens as variables), so prompts equal
-`transformers.AutoTokenizer.apply_chat_template`'s. Checkpoints without a template get the built-in
-`templates/nemotron_h.jinja`, which renders what NVIDIA-Nemotron-Nano-9B-v2's template renders.
+and renders chat prompts with the checkpoint's Jinja template (`chat_template.py`: the sandbox,
+the template files and the ``/think`` / ``/no_think`` reasoning switch), so prompts equal
+`transformers.AutoTokenizer.apply_chat_template`'s.
 
-Reasoning control (SPEC section 5): ``/think`` or ``/no_think`` in a system or user message switches
-reasoning on or off, the last such message wins, the default is on. The prompt then ends in
-``<SPECIAL_11>Assistant\\n<think>\\n`` or ``<SPECIAL_11>Assistant\\n<think></think>``.
-
-Also: `DecodeStream` (streaming text that never shows half a UTF-8 character), the thinking-budget
-token data for the sampler (`think_tokens`, `budget_close_ids`, `newline_token_mask`), and
-`build_tokenizer`, which trains a small byte-level BPE with Nemotron's special tokens (tests, demo).
+Also: `DecodeStream` (streaming text that never shows half a UTF-8 character) and the
+thinking-budget token data for the sampler (`think_tokens`, `budget_close_ids`,
+`newline_token_mask`). A small BPE trainer for tests and the demo is `nemojax.demo.bpe`.
 """
 
 from __future__ import annotations
 
-import datetime
 import functools
-import importlib.resources
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.sandbox
 import numpy as np
 import tokenizers
 from tokenizers import decoders as tk_decoders
 
-__all__ = [
-    "ChatTemplateError", "DecodeStream", "ThinkTokens", "Tokenizer", "build_tokenizer",
-    "builtin_chat_template", "reasoning_enabled", "set_reasoning",
-]
+from nemojax.chat_template import (
+  BUDGET_CLOSE_TEXT,
+  BUILTIN_SOURCE,
+  END_OF_TURN,
+  THINK_CLOSE,
+  THINK_OFF,
+  THINK_ON,
+  THINK_OPEN,
+  ChatTemplateError,
+  builtin_chat_template,
+  compile_template,
+  load_chat_templates,
+  reasoning_enabled,
+  render_chat,
+  select_template,
+  set_reasoning,
+)
 
-THINK_ON = "/think"
-THINK_OFF = "/no_think"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-# NVIDIA's client closes an unfinished thought with this text when the budget runs out.
-BUDGET_CLOSE_TEXT = ".\n</think>\n\n"
-# Nemotron's end-of-turn token; generation stops on it as well as on `</s>`.
-END_OF_TURN = "<SPECIAL_12>"
+# The chat-template names are re-exported: callers import them from here.
+__all__ = [
+    "BUDGET_CLOSE_TEXT", "END_OF_TURN", "THINK_CLOSE", "THINK_OFF", "THINK_ON", "THINK_OPEN",
+    "ChatTemplateError", "DecodeStream", "ThinkTokens", "Tokenizer", "builtin_chat_template",
+    "reasoning_enabled", "set_reasoning",
+]
 
 # transformers' named special-token attributes; the chat template sees each one as a variable.
 _NAMED_SPECIAL_TOKENS = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
 )
-_BUILTIN_SOURCE = "nemojax built-in template (nemojax/templates/nemotron_h.jinja)"
-
-
-class ChatTemplateError(ValueError):
-  """A chat template failed to compile, or refused to render the given messages."""
 
 
 class ThinkTokens(NamedTuple):
@@ -64,123 +59,6 @@ class ThinkTokens(NamedTuple):
 
   open: tuple[int, ...]
   close: tuple[int, ...]
-
-
-# --------------------------------------------------------------------------------------------------
-# Reasoning switch
-
-
-def reasoning_enabled(messages: Sequence[Mapping[str, Any]], thinking: bool | None = None) -> bool:
-  """Whether NVIDIA's template (and the built-in one) will open a reasoning block.
-
-  Args:
-    messages: Chat messages (dicts with ``role`` and ``content``).
-    thinking: The explicit switch passed to `Tokenizer.apply_chat_template`, if any; it wins.
-
-  Returns:
-    True unless the last system or user message that contains ``/think`` or ``/no_think`` contains
-    only ``/no_think``.
-  """
-  if thinking is not None:
-    return bool(thinking)
-  enabled = True
-  for message in messages:
-    content = message.get("content")
-    if message.get("role") in ("system", "user") and isinstance(content, str):
-      if THINK_ON in content:  # tested first, as the template does
-        enabled = True
-      elif THINK_OFF in content:
-        enabled = False
-  return enabled
-
-
-def set_reasoning(messages: Sequence[Mapping[str, Any]], thinking: bool) -> list[dict[str, Any]]:
-  """Returns a copy of `messages` whose only reasoning marker is ``/think`` or ``/no_think``.
-
-  The last marker in a system or user message wins, so the existing ones are removed (the template
-  drops them from the text anyway) and the new one is appended to the system message, where NVIDIA
-  documents it; an empty system message is created if needed (it renders like none at all).
-
-  Args:
-    messages: Chat messages; not modified.
-    thinking: True for ``/think``, False for ``/no_think``.
-
-  Returns:
-    New message dicts.
-  """
-  marker = THINK_ON if thinking else THINK_OFF
-  out = []
-  for message in messages:
-    message = dict(message)
-    if message.get("role") in ("system", "user") and isinstance(message.get("content"), str):
-      message["content"] = message["content"].replace(THINK_ON, "").replace(THINK_OFF, "")
-    out.append(message)
-  if not out or out[0].get("role") != "system":
-    out.insert(0, {"role": "system", "content": ""})
-  content = out[0].get("content")
-  if isinstance(content, list):  # OpenAI-style content parts
-    out[0]["content"] = [*content, {"type": "text", "text": marker}]
-  else:
-    text = (content or "").rstrip()
-    out[0]["content"] = f"{text}\n{marker}" if text else marker
-  return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Chat template rendering
-
-
-class _GenerationTag(jinja2.ext.Extension):
-  """Accepts transformers' ``{% generation %}...{% endgeneration %}`` blocks and renders the body.
-
-  transformers uses the tag to mark assistant tokens for training masks; rendering only needs the
-  text, but a template that uses it must still compile.
-  """
-
-  tags = {"generation"}
-
-  def parse(self, parser):
-    lineno = next(parser.stream).lineno
-    body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-    return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-  def _render(self, caller):
-    return caller()
-
-
-def _raise_exception(message):
-  raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-  # Jinja's own tojson escapes HTML characters and sorts keys; HF templates expect plain json.dumps.
-  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                    sort_keys=sort_keys)
-
-
-def _strftime_now(fmt):
-  return datetime.datetime.now().strftime(fmt)
-
-
-@functools.lru_cache(maxsize=32)
-def _compile(template: str, source: str) -> jinja2.Template:
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-  env.filters["tojson"] = _tojson
-  env.globals["raise_exception"] = _raise_exception
-  env.globals["strftime_now"] = _strftime_now
-  try:
-    return env.from_string(template)
-  except jinja2.TemplateSyntaxError as e:
-    raise ChatTemplateError(
-        f"The chat template from {source} is not valid Jinja: {e.message} (template line "
-        f"{e.lineno}). Fix the template there, or pass a valid one with chat_template=...") from e
-
-
-def builtin_chat_template() -> str:
-  """The text of nemojax's built-in Nemotron-H chat template (`templates/nemotron_h.jinja`)."""
-  return (importlib.resources.files("nemojax") / "templates" / "nemotron_h.jinja").read_text(
-      encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,36 +82,6 @@ def _token_text(value: Any) -> str | None:
   if isinstance(value, dict):
     value = value.get("content")
   return value if isinstance(value, str) else None
-
-
-def _load_templates(directory: Path, config: dict[str, Any]) -> tuple[dict[str, str], str]:
-  """Named chat templates and where they came from; chat_template.jinja wins, as in transformers."""
-  templates: dict[str, str] = {}
-  jinja_file = directory / "chat_template.jinja"
-  extra_dir = directory / "additional_chat_templates"
-  if jinja_file.is_file():
-    templates["default"] = jinja_file.read_text(encoding="utf-8")
-    source = str(jinja_file)
-  if extra_dir.is_dir():
-    for f in sorted(extra_dir.glob("*.jinja")):
-      templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
-  if templates:
-    return templates, (source if "default" in templates else str(extra_dir))
-  source = str(directory / "tokenizer_config.json")
-  value = config.get("chat_template")
-  if isinstance(value, str):
-    return {"default": value}, source
-  if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-    try:
-      return {t["name"]: t["template"] for t in value}, source
-    except (KeyError, TypeError) as e:
-      raise ValueError(
-          f"{source}: chat_template is a list, so each entry needs 'name' and 'template' keys; "
-          f"got {value!r:.200}") from e
-  if value is not None:
-    raise ValueError(f"{source}: chat_template should be a string or a list of "
-                     f"{{name, template}} objects, got {type(value).__name__}")
-  return {"default": builtin_chat_template()}, _BUILTIN_SOURCE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,12 +115,12 @@ class Tokenizer:
     self.backend = backend
     self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
     if chat_templates is None:
-      chat_templates, chat_template_source = {"default": builtin_chat_template()}, _BUILTIN_SOURCE
+      chat_templates, chat_template_source = {"default": builtin_chat_template()}, BUILTIN_SOURCE
     self.chat_templates = dict(chat_templates)
     self.chat_template_source = chat_template_source
     self.name_or_path = name_or_path
     for template in self.chat_templates.values():  # fail at load time, not at the first prompt
-      _compile(template, chat_template_source)
+      compile_template(template, chat_template_source)
     self._extra_eos_ids = tuple(int(i) for i in extra_eos_ids)
 
   @classmethod
@@ -315,7 +163,7 @@ class Tokenizer:
       text = _token_text(config.get(name)) or _token_text(special_map.get(name))
       if text is not None:
         special[name] = text
-    templates, source = _load_templates(directory, config)
+    templates, source = load_chat_templates(directory, config)
     generation = _read_json(directory / "generation_config.json")
     eos = generation.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -401,18 +249,6 @@ class Tokenizer:
     """The default chat template text."""
     return self.chat_templates.get("default") or next(iter(self.chat_templates.values()))
 
-  def _select_template(self, chat_template: str | None, tools: Any) -> str:
-    # Same choice as transformers' get_chat_template.
-    if chat_template is not None:
-      return self.chat_templates.get(chat_template, chat_template)
-    if tools is not None and "tool_use" in self.chat_templates:
-      return self.chat_templates["tool_use"]
-    if "default" in self.chat_templates:
-      return self.chat_templates["default"]
-    raise ChatTemplateError(
-        f"{self.chat_template_source} has several chat templates and none named 'default'; pass "
-        f"chat_template= one of {sorted(self.chat_templates)}.")
-
   def apply_chat_template(
       self,
       messages: Sequence[Mapping[str, Any]],
@@ -449,31 +285,17 @@ class Tokenizer:
       ValueError: `messages` is empty or not a list of role/content dicts.
       ChatTemplateError: The template failed (e.g. its ``raise_exception`` rejected the messages).
     """
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-      raise ValueError(f"messages should be a non-empty list of {{'role', 'content'}} dicts, got "
-                       f"{messages!r:.200}")
-    for i, message in enumerate(messages):
-      if not isinstance(message, Mapping) or "role" not in message:
-        raise ValueError(f"messages[{i}] should be a dict with a 'role' key (and 'content'), got "
-                         f"{message!r:.200}")
-    if thinking is not None:
-      messages = set_reasoning(messages, thinking)
-      kwargs.setdefault("enable_thinking", bool(thinking))
-    template = self._select_template(chat_template, tools)
+    template = select_template(self.chat_templates, self.chat_template_source, chat_template,
+                               tools)
     source = self.chat_template_source if chat_template is None else "the chat_template argument"
-    compiled = _compile(template, source)
-    variables = {**self.special_tokens, **kwargs}
-    try:
-      text = compiled.render(messages=list(messages), tools=tools, documents=documents,
-                             add_generation_prompt=add_generation_prompt, **variables)
-    except jinja2.TemplateError as e:
-      raise ChatTemplateError(f"The chat template from {source} failed on these messages: "
-                              f"{e}") from e
+    variables = {**self.special_tokens, **kwargs, "tools": tools, "documents": documents}
+    text = render_chat(template, source, messages, add_generation_prompt=add_generation_prompt,
+                       thinking=thinking, variables=variables)
     return self.encode(text) if tokenize else text
 
   def reasoning_enabled(self, messages: Sequence[Mapping[str, Any]],
                         thinking: bool | None = None) -> bool:
-    """Whether the prompt for `messages` opens a reasoning block; see module `reasoning_enabled`."""
+    """Whether the prompt for `messages` opens a reasoning block (`chat_template`'s function)."""
     return reasoning_enabled(messages, thinking)
 
   # ---------------------------------------------------------------------------- thinking budget
@@ -579,80 +401,3 @@ class DecodeStream:
   def ids(self) -> tuple[int, ...]:
     """All ids fed so far."""
     return tuple(self._ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# Building a small tokenizer
-
-
-def build_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int,
-    out_dir: str | os.PathLike,
-    think_as_special: bool = True,
-    chat_template: str | None = None,
-    num_reserved: int = 16,
-    add_bos: bool = True,
-) -> Tokenizer:
-  """Trains a small byte-level BPE tokenizer with Nemotron's special tokens and saves it.
-
-  Ids: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<SPECIAL_3>`` ... ``<SPECIAL_{num_reserved-1}>``
-  (``<SPECIAL_10>`` system header, ``<SPECIAL_11>`` turn header, ``<SPECIAL_12>`` end of turn), then
-  ``<think>`` and ``</think>`` when `think_as_special`, then the learned entries. Writes
-  tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json,
-  readable by `Tokenizer.from_pretrained` and by transformers' `AutoTokenizer`.
-
-  Args:
-    texts: Training text; a few hundred sentences are plenty for tests.
-    vocab_size: Total entries, special tokens and the 256 byte symbols included.
-    out_dir: Directory to write (created if missing; files in it are overwritten).
-    think_as_special: Make ``<think>``/``</think>`` single special tokens (skipped by
-      ``decode(skip_special_tokens=True)``); otherwise they are spelt with several BPE tokens.
-    chat_template: Jinja template stored in tokenizer_config.json; the built-in one when None.
-    num_reserved: Size of the control-token block; at least 13 so that ``<SPECIAL_12>`` exists.
-    add_bos: Whether ``encode(..., add_special_tokens=True)`` prepends ``<s>``.
-
-  Returns:
-    The tokenizer, read back from `out_dir`.
-  """
-  if num_reserved < 13:
-    raise ValueError(f"num_reserved={num_reserved}: Nemotron's chat format needs the control "
-                     "tokens up to <SPECIAL_12>, so num_reserved must be at least 13.")
-  # Nemotron's (Tekken's) control-token block: <unk>=0, <s>=1, </s>=2, then <SPECIAL_3>, ...
-  specials = ["<unk>", "<s>", "</s>"] + [f"<SPECIAL_{i}>" for i in range(3, num_reserved)]
-  if think_as_special:
-    specials += [THINK_OPEN, THINK_CLOSE]
-  minimum = len(specials) + 256
-  if vocab_size < minimum:
-    raise ValueError(f"vocab_size={vocab_size} leaves no room for merges: {len(specials)} special "
-                     f"tokens and 256 byte symbols need at least {minimum}.")
-  backend = tokenizers.Tokenizer(tokenizers.models.BPE())
-  backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  backend.decoder = tk_decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  backend.train_from_iterator(texts, trainer=trainer)
-  if add_bos:
-    backend.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-  for i, token in enumerate(specials):  # the trainer puts special tokens first, in order
-    if backend.token_to_id(token) != i:
-      raise RuntimeError(f"tokenizers placed {token!r} at id {backend.token_to_id(token)}, not {i}")
-
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  backend.save(str(out / "tokenizer.json"))
-  named = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-  config = {
-      "tokenizer_class": "PreTrainedTokenizerFast", **named, "add_bos_token": add_bos,
-      "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000,
-      "added_tokens_decoder": {
-          str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                   "single_word": False, "special": True} for i, t in enumerate(specials)},
-      "chat_template": builtin_chat_template() if chat_template is None else chat_template,
-  }
-  config_text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-  (out / "tokenizer_config.json").write_text(config_text, encoding="utf-8")
-  (out / "special_tokens_map.json").write_text(json.dumps(named, indent=2) + "\n", encoding="utf-8")
-  return Tokenizer.from_pretrained(out)

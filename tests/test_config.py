@@ -19,7 +19,8 @@ def test_presets_layer_counts():
   assert c.num_params() == 8_888_227_328
 
 
-@pytest.mark.parametrize("preset", ["nano_9b_v2", "nano_12b_v2_base", "nemotron_h_8b", "tiny"])
+@pytest.mark.parametrize("preset", ["nano_9b_v2", "nano_12b_v2_base", "nemotron_h_8b", "tiny",
+                                    "nemotron_3_nano_30b_a3b"])
 def test_eval_shape_param_count(preset):
   c = getattr(NemotronHConfig, preset)()
   abstract = nnx.eval_shape(lambda: NemotronH(c, rngs=nnx.Rngs(0)))
@@ -31,6 +32,22 @@ def test_eval_shape_param_count(preset):
   # Nothing was allocated: every leaf is abstract.
   assert all(isinstance(x, jax.ShapeDtypeStruct)
              for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def test_nemotron_3_presets_layer_counts_and_active_params():
+  nano = NemotronHConfig.nemotron_3_nano_30b_a3b()
+  counts = nano.num_layers_of
+  assert (counts[LayerType.MAMBA], counts[LayerType.MOE], counts[LayerType.ATTENTION]) == (23, 23, 6)
+  assert (nano.n_routed_experts, nano.num_experts_per_tok, nano.moe_latent_size) == (128, 6, None)
+  assert nano.num_params() == 31_577_937_344 and nano.num_params(active=True) == 3_580_073_408
+  sup = NemotronHConfig.nemotron_3_super_120b_a12b()
+  counts = sup.num_layers_of
+  assert (counts[LayerType.MAMBA], counts[LayerType.MOE], counts[LayerType.ATTENTION]) == (40, 40, 8)
+  assert (sup.n_routed_experts, sup.num_experts_per_tok, sup.moe_expert_dim) == (512, 22, 1024)
+  assert sup.num_params() == 120_668_687_360 and sup.num_params(active=True) == 12_770_216_960
+  # without MoE layers, active == total
+  nano9 = NemotronHConfig.nano_9b_v2()
+  assert nano9.num_params(active=True) == nano9.num_params()
 
 
 def test_from_hf_config_both_spellings():
@@ -68,7 +85,8 @@ def test_pattern_of_wrong_length_is_named():
 @pytest.mark.parametrize("bad,match", [
     (dict(n_groups=4), "n_groups"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),
-    (dict(hybrid_override_pattern="M-E*-M"), "MoE"),
+    (dict(hybrid_override_pattern="M-E*-M", n_routed_experts=4, num_experts_per_tok=5),
+     "num_experts_per_tok"),
     (dict(hybrid_override_pattern="M-X*-M"), "unknown layer letters"),
     (dict(hidden_size=0), "hidden_size"),
 ])

@@ -1,4 +1,5 @@
-"""Tests for nemojax.tokenizer: chat template, reasoning switch, streaming, thinking-budget data.
+"""Tests for nemojax.tokenizer and nemojax.chat_template: chat template, reasoning switch,
+streaming, thinking-budget data, and the demo's BPE trainer.
 
 Chat prompts are checked twice: against the strings of SPEC section 5 written out by hand, and
 against transformers' `AutoTokenizer.apply_chat_template` run on the same directory (same template,
@@ -11,7 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
+from nemojax import chat_template as ct
 from nemojax import tokenizer as tkz
+from nemojax.demo.bpe import build_tokenizer
 
 SYS, USR, AST = "<SPECIAL_10>System\n", "<SPECIAL_11>User\n", "<SPECIAL_11>Assistant\n"
 EOT = "<SPECIAL_12>"
@@ -32,7 +35,7 @@ CORPUS = [
 def tok_dir(tmp_path_factory):
   """A tokenizer whose <think> and </think> are single special tokens."""
   out = tmp_path_factory.mktemp("tok_special")
-  tkz.build_tokenizer(CORPUS, 700, out, think_as_special=True)
+  build_tokenizer(CORPUS, 700, out, think_as_special=True)
   return out
 
 
@@ -40,7 +43,7 @@ def tok_dir(tmp_path_factory):
 def plain_dir(tmp_path_factory):
   """A tokenizer that spells <think> and </think> with several BPE tokens."""
   out = tmp_path_factory.mktemp("tok_plain")
-  tkz.build_tokenizer(CORPUS, 700, out, think_as_special=False)
+  build_tokenizer(CORPUS, 700, out, think_as_special=False)
   return out
 
 
@@ -62,7 +65,7 @@ def _render_both(tok, hf_tok, messages, **kwargs):
   add = kwargs.pop("add_generation_prompt", True)
   thinking = kwargs.pop("thinking", None)
   if thinking is not None:  # transformers has no switch: give it the messages ours renders
-    messages = tkz.set_reasoning(messages, thinking)
+    messages = ct.set_reasoning(messages, thinking)
   hf_text = hf_tok.apply_chat_template(messages, add_generation_prompt=add, tokenize=False,
                                        **kwargs)
   hf_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=add, tokenize=True,
@@ -147,7 +150,7 @@ def test_thinking_argument_overrides_markers(tok, hf_tok, case, thinking):
   assert json.dumps(messages) == original  # the caller's messages are not modified
   head = expected.rsplit(AST, 1)[0]
   assert text == head + AST + (ON if thinking else OFF)  # same text, only the switch differs
-  assert tkz.reasoning_enabled(messages, thinking) is thinking
+  assert ct.reasoning_enabled(messages, thinking) is thinking
 
 
 @pytest.mark.parametrize("case", sorted(SPEC_CASES))
@@ -158,9 +161,9 @@ def test_reasoning_enabled_agrees_with_template(tok, case):
 
 
 def test_set_reasoning_creates_or_extends_system():
-  assert tkz.set_reasoning([{"role": "user", "content": "a /think"}], False) == [
+  assert ct.set_reasoning([{"role": "user", "content": "a /think"}], False) == [
       {"role": "system", "content": "/no_think"}, {"role": "user", "content": "a "}]
-  assert tkz.set_reasoning([{"role": "system", "content": "Be brief.\n"}], True) == [
+  assert ct.set_reasoning([{"role": "system", "content": "Be brief.\n"}], True) == [
       {"role": "system", "content": "Be brief.\n/think"}]
 
 
@@ -171,7 +174,7 @@ def test_builtin_template_when_checkpoint_has_none(tok_dir, tmp_path):
   shutil.copy(tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
   tok = tkz.Tokenizer.from_pretrained(tmp_path)
   assert "built-in" in tok.chat_template_source
-  assert tok.chat_template == tkz.builtin_chat_template()
+  assert tok.chat_template == ct.builtin_chat_template()
   hi = [{"role": "user", "content": "Hi"}]
   assert tok.apply_chat_template(hi) == f"{SYS}\n{USR}Hi\n{AST}{ON}"
   assert tok.bos_id is None and tok.eos_ids == (12,)  # no config: only the end-of-turn token
@@ -203,13 +206,13 @@ def test_named_templates_in_config(tok_dir, tmp_path):
 def test_malformed_template_names_the_file(tok_dir, tmp_path):
   shutil.copy(tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% if x %}oops"}))
-  with pytest.raises(tkz.ChatTemplateError, match=r"tokenizer_config\.json.*not valid Jinja"):
+  with pytest.raises(ct.ChatTemplateError, match=r"tokenizer_config\.json.*not valid Jinja"):
     tkz.Tokenizer.from_pretrained(tmp_path)
 
 
 def test_raise_exception_in_template(tok):
   template = "{{ raise_exception('roles must alternate') }}"
-  with pytest.raises(tkz.ChatTemplateError, match="roles must alternate"):
+  with pytest.raises(ct.ChatTemplateError, match="roles must alternate"):
     tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template)
 
 
@@ -346,6 +349,6 @@ def test_newline_token_mask(tok):
 
 def test_build_tokenizer_rejects_bad_sizes(tmp_path):
   with pytest.raises(ValueError, match="vocab_size=100"):
-    tkz.build_tokenizer(CORPUS, 100, tmp_path)
+    build_tokenizer(CORPUS, 100, tmp_path)
   with pytest.raises(ValueError, match="num_reserved=8"):
-    tkz.build_tokenizer(CORPUS, 500, tmp_path, num_reserved=8)
+    build_tokenizer(CORPUS, 500, tmp_path, num_reserved=8)

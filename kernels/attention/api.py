@@ -1,37 +1,89 @@
-"""Dispatch for prefill attention over a KV cache: the Pallas kernel on GPUs that support it,
-XLA everywhere else.
+"""Dispatch for causal GQA attention over a KV cache: every rule that picks XLA or the kernel.
 
-`implementation`:
+`implementation` (for a prefill chunk over a cache; see the rules below):
   None      "pallas" on a Hopper-or-newer NVIDIA GPU when the kernel takes the shapes, else "xla".
-  "xla"     `nemojax.attention.attend` (blocked online softmax), runs everywhere.
+  "xla"     `reference.attention` (blocked online softmax or split-K), runs everywhere.
   "pallas"  the Mosaic GPU kernel (`pallas_mosaic_gpu.py`); without a Hopper-or-newer GPU it runs
             on Mosaic GPU's CPU interpreter (slow: for tests).
+
+Rules, in order (`resolve_implementation`):
+  1. At most `MAX_SPLIT_QUERIES` queries (a decode step): XLA's loop-free split-K schedule; the
+     kernel's 128-query tiles would be mostly padding.
+  2. No `num_keys` (a full forward over the call's own keys, the training path): XLA, since the
+     kernel is inference only (no gradient).
+  3. An explicit `implementation`; else the kernel on a GPU that compiles it for these shapes.
+  4. If the kernel module cannot be imported on this JAX, XLA: the model never fails for it.
 """
 
 from __future__ import annotations
 
 from nemojax.kernels import platform
+from nemojax.kernels.attention import reference
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
 
-def resolve_implementation(implementation: str | None, *, head_dim: int, cache_len: int,
-                           dtype) -> str:
-  """The implementation a prefill chunk will use on the default backend."""
-  if implementation is not None:
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS} or None, "
-                       f"got {implementation!r}")
-    return implementation
-  if platform.mosaic_gpu_available():
+def _pallas_module():
+  """The kernel module, or None where this JAX cannot import it (the one place that decides)."""
+  try:
     from nemojax.kernels.attention import pallas_mosaic_gpu  # noqa: PLC0415
-    if pallas_mosaic_gpu.supports(head_dim=head_dim, cache_len=cache_len, dtype=dtype):
-      return "pallas"
+  except (ImportError, AttributeError):
+    return None
+  return pallas_mosaic_gpu
+
+
+def supports(*, head_dim: int, cache_len: int, dtype) -> bool:
+  """Whether the Pallas kernel can be used for these shapes on this JAX (any device)."""
+  mod = _pallas_module()
+  return mod is not None and mod.supports(head_dim=head_dim, cache_len=cache_len, dtype=dtype)
+
+
+def resolve_implementation(implementation: str | None, *, num_queries: int, head_dim: int,
+                           cache_len: int, dtype, over_cache: bool = True) -> str:
+  """The implementation `attention` will use for these shapes on the default backend.
+
+  Args:
+    implementation: None, "xla" or "pallas" (see the module docstring).
+    num_queries: t, the queries of the call.
+    head_dim: d.
+    cache_len: s, the keys of the cache.
+    dtype: the queries' dtype.
+    over_cache: whether the queries attend a cache (`num_keys` given); False for a full forward.
+  """
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS} or None, "
+                     f"got {implementation!r}")
+  if num_queries <= reference.MAX_SPLIT_QUERIES or not over_cache:
+    return "xla"
+  if implementation == "pallas":
+    return "pallas" if _pallas_module() is not None else "xla"
+  if implementation is None and platform.mosaic_gpu_available() and supports(
+      head_dim=head_dim, cache_len=cache_len, dtype=dtype):
+    return "pallas"
   return "xla"
 
 
-def prefill_attention(q, k, v, pos, start, num_keys):
-  """The Pallas kernel, compiled on a Hopper-or-newer GPU, interpreted elsewhere (tests)."""
-  from nemojax.kernels.attention import pallas_mosaic_gpu  # noqa: PLC0415
-  return pallas_mosaic_gpu.attention(q, k, v, pos, start, num_keys,
-                                     interpret=not platform.mosaic_gpu_available())
+def attention(q, k, v, pos, start, num_keys=None, *, implementation: str | None = None,
+              key_block: int = reference.DEFAULT_KEY_BLOCK):
+  """Causal GQA attention of t queries at cache indices pos .. pos+t−1 over a heads-major cache.
+
+  Args:
+    q: [b, t, h, d] queries.
+    k, v: [b, kv, s, d] keys and values, already holding this call's keys.
+    pos: int32 scalar, cache index of the first query.
+    start: [b] int32, each row's first real key (left padding before it is never attended).
+    num_keys: None for a full forward (s = t keys, differentiable) or an int32 scalar count of
+      keys written so far (a cache).
+    implementation: None, "xla" or "pallas"; see the module docstring.
+    key_block: keys per online-softmax block of the XLA path.
+
+  Returns:
+    [b, t, h, d] in q.dtype.
+  """
+  impl = resolve_implementation(implementation, num_queries=q.shape[1], head_dim=q.shape[-1],
+                                cache_len=k.shape[2], dtype=q.dtype,
+                                over_cache=num_keys is not None)
+  if impl == "pallas":
+    return _pallas_module().attention(q, k, v, pos, start, num_keys,
+                                      interpret=not platform.mosaic_gpu_available())
+  return reference.attention(q, k, v, pos, start, num_keys, key_block=key_block)

@@ -2,7 +2,7 @@
 
 Legend: b batch, t queries, h query heads, kv key/value heads, s cache positions, d head dim.
 
-The function is the one of `nemojax.attention.attend` for a prefill chunk: queries at cache indices
+The function is `reference.attention`'s for a prefill chunk: queries at cache indices
 pos, pos+1, ..., pos+t−1 attend keys j with start[b] ≤ j ≤ their own index (and j < num_keys), in
 a cache stored heads-major [b, kv, s, d]. Query head i reads KV head i // (h / kv).
 
@@ -129,6 +129,8 @@ class _Ops:
 
 
 def _build_kernel(*, b, t, h, kv, s, d, dtype, config: Config, interpret: bool):
+  # kernel body: the warp-specialised pipeline (TMA warpgroup, two compute warpgroups sharing
+  # barriers and shared memory) is one closure; split up, its pieces would only pass refs around.
   BK, S = config.block_k, config.num_stages
   r = h // kv
   ops = _Ops(interpret)
@@ -184,7 +186,7 @@ def _build_kernel(*, b, t, h, kv, s, d, dtype, config: Config, interpret: bool):
 
         @pl.when(c >= 0)
         def _():
-          plgpu.barrier_wait(free_bar.at[lax.rem(c, S)])
+          plgpu.barrier_wait(free_bar.at[lax.rem(c, S)])  # noqa: B023 (pl.when runs it now)
 
     def compute(w: int):
       if not interpret:

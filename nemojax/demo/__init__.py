@@ -9,8 +9,9 @@ the trace. Its HF-layout directory (config.json, model.safetensors, tokenizer fi
   model = nemojax.load(demo_model_path(), dtype=jnp.float32)
   tok = nemojax.Tokenizer.from_pretrained(demo_model_path())
 
-Modules: `task` (problems and traces), `data` (chat transcripts, tokenizer, batches), `decode`
-(greedy decoding with a thinking budget), `train` and `evaluate` (runnable with ``python -m``).
+Modules: `task` (problems and traces), `bpe` (the byte-level BPE trainer), `data` (chat
+transcripts, tokenizer, batches), `decode` (greedy decoding with a thinking budget), `train` and
+`evaluate` (runnable with ``python -m``).
 """
 
 from __future__ import annotations

@@ -24,13 +24,15 @@ them) but trains the answer after them, so a cut-off model still gives its best 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from nemojax.chat_template import END_OF_TURN, THINK_CLOSE
+from nemojax.demo.bpe import build_tokenizer
 from nemojax.demo.task import MAX_OPERANDS, Problem, sample_problem
-from nemojax.tokenizer import END_OF_TURN, THINK_CLOSE, Tokenizer, build_tokenizer
+from nemojax.tokenizer import Tokenizer
 
 __all__ = [
     "MODES", "Encoded", "TokenizedTask", "build_demo_tokenizer", "make_batch", "messages_for",
