@@ -119,7 +119,7 @@ def main():
     H, G = 4, 2
 
   from nemojax.kernels.ssd import reference
-  from nemojax.kernels.ssd import pallas_mosaic_gpu as pmg
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # the differentiable entry
 
   def make_config(spec):
     overrides = dict(kv.split("=") for kv in spec.split(",") if kv)

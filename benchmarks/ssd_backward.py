@@ -44,7 +44,7 @@ def _rel(a, r):
 def run(args, *, H, N, G, time_fn, configs):
   """Times and checks every shape; returns the rows (also written to $OUT/ssd_bwd.json)."""
   from nemojax.kernels.ssd import reference
-  from nemojax.kernels.ssd import pallas_mosaic_gpu as pmg
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # the differentiable entry
 
   torch = mamba = jla_gla = None
   if "mamba" in args.impls:

@@ -15,7 +15,7 @@ import pytest
 from nemojax import testing as T
 from nemojax.kernels import platform
 from nemojax.kernels.ssd import api, reference
-from nemojax.kernels.ssd import pallas_mosaic_gpu as pmg
+from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # the differentiable entry
 
 N = 128  # the kernel's state size (two warpgroups × 64 rows)
 KERNEL = ("bfloat16", "kernel")  # bf16 operands, fp32 accumulation, against an fp32 reference

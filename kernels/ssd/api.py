@@ -4,7 +4,8 @@
   None      pick the fastest available for the arrays' device ("pallas" on a Hopper-or-newer
             NVIDIA GPU when the kernel supports the shapes, else "xla").
   "xla"     `reference.ssd_chunked`, runs everywhere (CPU, TPU, any GPU).
-  "pallas"  the Mosaic GPU kernel (`pallas_mosaic_gpu.py`); without a Hopper-or-newer GPU it runs
+  "pallas"  the Mosaic GPU kernels (`pallas_mosaic_gpu.py` forward, `pallas_mosaic_gpu_bwd.py`
+            backward and the differentiable entry); without a Hopper-or-newer GPU it runs
             on Mosaic GPU's CPU interpreter (slow: for tests); an error for shapes it does not
             support.
   "naive"   the `lax.scan` oracle; for tests.
@@ -20,10 +21,10 @@ IMPLEMENTATIONS = ("xla", "pallas", "naive")
 
 def _pallas_module():
   try:
-    from nemojax.kernels.ssd import pallas_mosaic_gpu
+    from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd  # forward + backward kernels
   except ImportError:
     return None
-  return pallas_mosaic_gpu
+  return pallas_mosaic_gpu_bwd
 
 
 def resolve_implementation(implementation: str | None, **shape_info) -> str:

@@ -36,7 +36,7 @@ Measured on an H200 (benchmarks/RESULTS.md, "SSD kernel"): 0.16–0.45× mamba_s
 BENCHMARKS.md shapes (head dims 80 and 64, chunks 128 and 256), ‖Δy‖/‖y‖ ≈ 2.4e-3 against an fp32
 reference.
 
-Training: `ssd` is a `custom_vjp`. Its forward runs this kernel with `emit_states`, which also
+Training: `pallas_mosaic_gpu_bwd.ssd` (the public entry) is a `custom_vjp`. Its forward runs this kernel with `emit_states`, which also
 writes the bf16 Sᵀ entering every block (one TMA store of the tile the C·Sᵀ product reads; 2·n·p
 bytes per head and block, ~20 KB per token at p = 80: saved rather than recomputed because a
 recompute pass would read x, B, C again and cost more), and its backward runs
@@ -295,6 +295,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
         state = ops.zeros((_ROWS, p))
 
       def block(c, state):
+        # kernel body: one block of the scan, every product and its masks in issue order.
         slot = lax.rem(c, S)
         plgpu.barrier_wait(in_bar.at[slot])
         x_t, c_t, bt_t = x_s.at[slot], c_s.at[slot], bt_s.at[slot]
@@ -458,8 +459,9 @@ def prepare(x, dt, A, B, C, D, initial_state, config: Config):
       d=jnp.zeros((h,), f32) if D is None else D.astype(f32))
 
 
-def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
-             emit_states: bool = False):
+def forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
+            emit_states: bool = False):
+  """The forward kernel (not differentiable: `pallas_mosaic_gpu_bwd.ssd` is the public entry)."""
   k = prepare(x, dt, A, B, C, D, initial_state, config)
   b, t, h, p, n = k["b"], k["t"], k["h"], k["p"], k["n"]
   has_init = initial_state is not None
@@ -475,63 +477,3 @@ def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
   y = y[:, :t] if k["tp"] != t else y
   fin = jnp.transpose(fin_t, (0, 1, 3, 2))
   return (y, fin, states[0]) if emit_states else (y, fin)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
-  del chunk_size  # the kernel's schedule is config.block_t; see the module docstring
-  return _forward(x, dt, A, B, C, D, initial_state, config, interpret)
-
-
-def _ssd_fwd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
-  if config.backward == "xla":
-    out = _forward(x, dt, A, B, C, D, initial_state, config, interpret)
-    return out, (x, dt, A, B, C, D, initial_state, None)
-  y, fin, states = _forward(x, dt, A, B, C, D, initial_state, config, interpret, emit_states=True)
-  return (y, fin), (x, dt, A, B, C, D, initial_state, states)
-
-
-def _ssd_bwd(chunk_size, config, interpret, res, cotangents):
-  x, dt, A, B, C, D, initial_state, states = res
-  if config.backward == "xla":  # the XLA chunked reference's VJP (same function)
-    def ref(x, dt, A, B, C, D, initial_state):
-      return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
-
-    _, vjp = jax.vjp(ref, x, dt, A, B, C, D, initial_state)
-    return vjp(cotangents)
-  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd  # noqa: PLC0415 (imports this module)
-  return pallas_mosaic_gpu_bwd.backward(x, dt, A, B, C, D, initial_state, states, cotangents,
-                                        config=config, interpret=interpret)
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
-
-
-def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
-        config: Config | None = None, interpret: bool = False):
-  """The SSD scan on the fused Mosaic GPU kernel; contract of `reference.ssd_naive`.
-
-  Args:
-    x: [b, t, h, p] bf16.
-    dt: [b, t, h], positive (after softplus).
-    A: [h], negative.
-    B, C: [b, t, g, n], cast to x.dtype for the tensor cores.
-    D: [h] or None.
-    initial_state: [b, h, p, n] or None.
-    chunk_size: the chunk length of the chunked algorithm. In exact arithmetic the result does
-      not depend on it, so the kernels (forward and backward) always work in blocks of
-      `config.block_t` = 128 steps; `supports` accepts the chunk sizes the models use (128, 256)
-      and this function validates it, so that a chunk size is never silently ignored elsewhere.
-    config: tuning knobs (`Config`).
-    interpret: run on Mosaic GPU's CPU interpreter (tests).
-
-  Returns:
-    y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32. Differentiable: the
-    backward pass runs the Pallas backward kernel (`pallas_mosaic_gpu_bwd`), fed by the block
-    states this forward saves, or the XLA reference's VJP with `Config(backward="xla")`.
-  """
-  config = DEFAULT_CONFIG if config is None else config
-  if int(chunk_size) not in (128, 256):
-    raise ValueError(f"ssd (pallas): chunk_size must be 128 or 256, got {chunk_size}; "
-                     "use implementation='xla' for other chunk sizes")
-  return _ssd(x, dt, A, B, C, D, initial_state, int(chunk_size), config, bool(interpret))

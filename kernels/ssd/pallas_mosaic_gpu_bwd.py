@@ -50,10 +50,14 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from nemojax.kernels import platform
 from nemojax.kernels.ssd import pallas_mosaic_gpu as fwd
+from nemojax.kernels.ssd import reference
 
 f32 = jnp.float32
 _ROWS = fwd._ROWS
 _WGS = fwd._COMPUTE_WGS
+Config = fwd.Config
+DEFAULT_CONFIG = fwd.DEFAULT_CONFIG
+supports = fwd.supports
 NUM_SUMS = 6  # v1..v6 of the module docstring
 
 
@@ -175,6 +179,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
         plgpu.copy_smem_to_gmem(g_o.at[w], ref.at[bi, rows, hi, :])
 
       def block(i, dsT):
+        # kernel body: one block of the scan, every product and its masks in issue order.
         c = nc - 1 - i
         slot = lax.rem(i, S)
         plgpu.barrier_wait(in_bar.at[slot])
@@ -353,3 +358,66 @@ def _epilogue(x, dt, A, B, C, D, initial_state, k, dx, db_h, dc_h, v, ds0_t, nc,
     ds0 = jnp.transpose(ds0_t, (0, 1, 3, 2)).astype(initial_state.dtype)
   return (dx[:, :t].astype(x.dtype), jnp.transpose(ddt, (0, 2, 1)).astype(dt.dtype),
           dA.astype(A.dtype), dB.astype(B.dtype), dC.astype(C.dtype), dD, ds0)
+
+
+# --------------------------------------------------------------------------------------------
+# The differentiable entry point.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
+  del chunk_size  # the kernel's schedule is config.block_t; see the module docstring
+  return fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret)
+
+
+def _ssd_fwd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
+  if config.backward == "xla":
+    out = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret)
+    return out, (x, dt, A, B, C, D, initial_state, None)
+  y, fin, states = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret, emit_states=True)
+  return (y, fin), (x, dt, A, B, C, D, initial_state, states)
+
+
+def _ssd_bwd(chunk_size, config, interpret, res, cotangents):
+  x, dt, A, B, C, D, initial_state, states = res
+  if config.backward == "xla":  # the XLA chunked reference's VJP (same function)
+    def ref(x, dt, A, B, C, D, initial_state):
+      return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
+
+    _, vjp = jax.vjp(ref, x, dt, A, B, C, D, initial_state)
+    return vjp(cotangents)
+  return backward(x, dt, A, B, C, D, initial_state, states, cotangents,
+                                        config=config, interpret=interpret)
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
+        config: fwd.Config | None = None, interpret: bool = False):
+  """The SSD scan on the fused Mosaic GPU kernel; contract of `reference.ssd_naive`.
+
+  Args:
+    x: [b, t, h, p] bf16.
+    dt: [b, t, h], positive (after softplus).
+    A: [h], negative.
+    B, C: [b, t, g, n], cast to x.dtype for the tensor cores.
+    D: [h] or None.
+    initial_state: [b, h, p, n] or None.
+    chunk_size: the chunk length of the chunked algorithm. In exact arithmetic the result does
+      not depend on it, so the kernels (forward and backward) always work in blocks of
+      `config.block_t` = 128 steps; `supports` accepts the chunk sizes the models use (128, 256)
+      and this function validates it, so that a chunk size is never silently ignored elsewhere.
+    config: tuning knobs (`pallas_mosaic_gpu.Config`).
+    interpret: run on Mosaic GPU's CPU interpreter (tests).
+
+  Returns:
+    y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32. Differentiable: the
+    backward pass runs the backward kernel of this module, fed by the block
+    states this forward saves, or the XLA reference's VJP with `Config(backward="xla")`.
+  """
+  config = fwd.DEFAULT_CONFIG if config is None else config
+  if int(chunk_size) not in (128, 256):
+    raise ValueError(f"ssd (pallas): chunk_size must be 128 or 256, got {chunk_size}; "
+                     "use implementation='xla' for other chunk sizes")
+  return _ssd(x, dt, A, B, C, D, initial_state, int(chunk_size), config, bool(interpret))
