@@ -91,7 +91,7 @@ def rel(a, r):
   return float(np.linalg.norm(a - r) / np.linalg.norm(r))
 
 
-def main():
+def _parse_args():
   ap = argparse.ArgumentParser()
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--head-dims", default="80,64")
@@ -114,31 +114,22 @@ def main():
                        "(benchmarks/ssd_backward.py)")
   ap.add_argument("--grad-check-max-tokens", type=int, default=1 << 17)
   args = ap.parse_args()
-  if args.smoke:  # few heads so that the CPU interpreter finishes quickly
-    global H, G
-    H, G = 4, 2
+  return args
 
-  from nemojax.kernels.ssd import reference
-  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # the differentiable entry
 
-  def make_config(spec):
-    overrides = dict(kv.split("=") for kv in spec.split(",") if kv)
-    conv = lambda k, v: (v == "True") if v in ("True", "False") else type(
-        getattr(pmg.DEFAULT_CONFIG, k))(v)
-    return pmg.Config(**{k: conv(k, v) for k, v in overrides.items()})
+def make_config(spec):
+  """A pallas Config from "key=value,..." overrides."""
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # noqa: PLC0415
+  overrides = dict(kv.split("=") for kv in spec.split(",") if kv)
+  conv = lambda k, v: (v == "True") if v in ("True", "False") else type(
+      getattr(pmg.DEFAULT_CONFIG, k))(v)
+  return pmg.Config(**{k: conv(k, v) for k, v in overrides.items()})
 
-  config = make_config(args.config)
-  impls = args.impls.split(",")
-  variants = {f"pallas[{v}]": make_config(v) for v in args.variants.split(";") if v}
-  impls += list(variants)
-  if args.backward:
-    if args.mamba_path:
-      sys.path.insert(0, args.mamba_path)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import ssd_backward  # noqa: PLC0415
-    configs = {"": config} | {f"[{v}]": make_config(v) for v in args.variants.split(";") if v}
-    ssd_backward.run(args, H=H, N=N, G=G, time_fn=time_fn, configs=configs)
-    return
+
+def _load_baselines(args, impls):
+  """jla's simple_gla, torch and mamba_ssm's scan, each None (and dropped from `impls`) if
+  missing."""
+  mamba_chunk_scan_combined = None
   jla_gla = None
   if "jla" in impls:
     try:
@@ -151,15 +142,19 @@ def main():
     try:
       if args.mamba_path:
         sys.path.insert(0, args.mamba_path)
-      import torch  # noqa: F811
+      import torch  # noqa: PLC0415
       from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as e:  # keep going without the baseline
       print(f"mamba_ssm unavailable: {e!r}")
       impls.remove("mamba")
 
-  print(f"jax {jax.__version__}, devices {jax.devices()}, config {config}")
-  if torch is not None:
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+  return jla_gla, torch, mamba_chunk_scan_combined
+
+
+def _make_fns(args, config, variants, jla_gla):
+  """The jitted implementations, each (x, dt_raw, A, B, C, D, dt_bias, chunk) → (y, state)."""
+  from nemojax.kernels.ssd import reference  # noqa: PLC0415
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # noqa: PLC0415
 
   def softplus(v):
     return jnp.logaddexp(v, 0.0)
@@ -193,8 +188,38 @@ def main():
 
   jit_jla = jax.jit(jla, static_argnums=7)
   jit_ref = jax.jit(ref32, static_argnums=7)
-  jsync = lambda o: jax.block_until_ready(o)
+  return jit_ours, jit_variants, jit_xla, jit_jla, jit_ref
 
+
+def _run_backward(args, config, make_config):
+  """`--backward`: benchmarks/ssd_backward.py with the same configs."""
+  if args.mamba_path:
+    sys.path.insert(0, args.mamba_path)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import ssd_backward  # noqa: PLC0415
+  configs = {"": config} | {f"[{v}]": make_config(v) for v in args.variants.split(";") if v}
+  return ssd_backward.run(args, H=H, N=N, G=G, time_fn=time_fn, configs=configs)
+
+
+def main():
+  args = _parse_args()
+  if args.smoke:  # few heads so that the CPU interpreter finishes quickly
+    global H, G
+    H, G = 4, 2
+
+  config = make_config(args.config)
+  impls = args.impls.split(",")
+  variants = {f"pallas[{v}]": make_config(v) for v in args.variants.split(";") if v}
+  impls += list(variants)
+  if args.backward:
+    return _run_backward(args, config, make_config)
+  jla_gla, torch, mamba_chunk_scan_combined = _load_baselines(args, impls)
+  print(f"jax {jax.__version__}, devices {jax.devices()}, config {config}")
+  if torch is not None:
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+
+  jit_ours, jit_variants, jit_xla, jit_jla, jit_ref = _make_fns(args, config, variants, jla_gla)
+  jsync = lambda o: jax.block_until_ready(o)
   rows = []
   key = jax.random.key(0)
   for p in ([] if args.step_only else [int(v) for v in args.head_dims.split(",")]):
@@ -248,17 +273,17 @@ def main():
         del inp
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if args.out:  # after every shape, so that a run cut short still leaves its numbers
-          with open(os.path.join(args.out, "ssd_bench.json"), "w") as fh:
-            json.dump(rows, fh, indent=1)
-
+        _save(args, rows)  # after every shape, so that a run cut short still leaves its numbers
   if args.step or args.step_only:
     rows.extend(bench_step(impls, torch, jsync))
+  _save(args, rows)
+  print_table(rows)
 
+
+def _save(args, rows):
   if args.out:
     with open(os.path.join(args.out, "ssd_bench.json"), "w") as fh:
       json.dump(rows, fh, indent=1)
-  print_table(rows)
 
 
 def bench_step(impls, torch, jsync, reps=100):

@@ -78,7 +78,6 @@ def run(args, *, H, N, G, time_fn, configs):
     return jnp.sum(y * w)
 
   argn = (0, 1, 2, 3, 4, 5)
-  jsync = jax.block_until_ready
   rows = []
   key = jax.random.key(1)
   for p in [int(v) for v in args.head_dims.split(",")]:
@@ -102,44 +101,9 @@ def run(args, *, H, N, G, time_fn, configs):
           ref = jax.device_get(jax.jit(jax.grad(ref_loss, argn))(*inp))
         except Exception as e:
           row["ref_error"] = repr(e)[:300]
-      for name, fn in fns.items():
-        try:
-          t0 = time.perf_counter()
-          out = jsync(fn(*inp))
-          row[f"{name}_first_s"] = round(time.perf_counter() - t0, 2)
-          row[f"{name}_ms"], _ = time_fn(fn, inp, jsync)
-          if name.endswith("_bwd"):
-            out = jax.device_get(out)
-            row[f"{name}_nan"] = not all(np.isfinite(np.asarray(o, np.float32)).all() for o in out)
-            if ref is not None and name.startswith("ours"):
-              for nm, o, r in zip("x dt A B C D".split(), out, ref):
-                row[f"{name}_err_{nm}"] = _rel(o, r)
-            if ref is not None and name.startswith("jla"):
-              row[f"{name}_err_x"] = _rel(out[0], ref[0])
-        except Exception as e:
-          row[f"{name}_error"] = repr(e)[:1500]
-          traceback.print_exc()
+      _time_jax(row, fns, inp, ref, time_fn)
       if mamba is not None:
-        try:
-          tin = [torch.from_dlpack(v) for v in inp]
-          xt, dtt, At, Bt, Ct, Dt, wt = tin
-
-          def mfwd():
-            return mamba(xt, dtt, At, Bt, Ct, 128, D=Dt)
-
-          leaves = [v.detach().clone().requires_grad_(True) for v in (xt, dtt, Bt, Ct)]
-
-          def mbwd():
-            y = mamba(leaves[0], leaves[1], At, leaves[2], leaves[3], 128, D=Dt)
-            return torch.autograd.grad((y.float() * wt).sum(), leaves)
-          sync = lambda o: torch.cuda.synchronize()
-          row["mamba_fwd_ms"], _ = time_fn(lambda: mfwd(), (), sync)
-          row["mamba_bwd_ms"], _ = time_fn(lambda: mbwd(), (), sync)
-          if ref is not None:
-            row["mamba_bwd_err_x"] = _rel(mbwd()[0].float().cpu().numpy(), ref[0])
-        except Exception as e:
-          row["mamba_error"] = repr(e)[:1500]
-          traceback.print_exc()
+        _time_mamba(row, inp, mamba, torch, time_fn, ref)
       del inp, ref
       rows.append(row)
       print(json.dumps(row), flush=True)
@@ -148,6 +112,52 @@ def run(args, *, H, N, G, time_fn, configs):
           json.dump(rows, fh, indent=1)
   print_table(rows, list(configs))
   return rows
+
+
+def _time_jax(row, fns, inp, ref, time_fn):
+  """Times (and checks the gradients of) every jitted function into `row`."""
+  jsync = jax.block_until_ready
+  for name, fn in fns.items():
+    try:
+      t0 = time.perf_counter()
+      out = jsync(fn(*inp))
+      row[f"{name}_first_s"] = round(time.perf_counter() - t0, 2)
+      row[f"{name}_ms"], _ = time_fn(fn, inp, jsync)
+      if name.endswith("_bwd"):
+        out = jax.device_get(out)
+        row[f"{name}_nan"] = not all(np.isfinite(np.asarray(o, np.float32)).all() for o in out)
+        if ref is not None and name.startswith("ours"):
+          for nm, o, r in zip("x dt A B C D".split(), out, ref):
+            row[f"{name}_err_{nm}"] = _rel(o, r)
+        if ref is not None and name.startswith("jla"):
+          row[f"{name}_err_x"] = _rel(out[0], ref[0])
+    except Exception as e:
+      row[f"{name}_error"] = repr(e)[:1500]
+      traceback.print_exc()
+
+
+def _time_mamba(row, inp, mamba, torch, time_fn, ref):
+  """mamba_ssm forward and forward+backward (torch autograd) into `row`."""
+  try:
+    tin = [torch.from_dlpack(v) for v in inp]
+    xt, dtt, At, Bt, Ct, Dt, wt = tin
+
+    def mfwd():
+      return mamba(xt, dtt, At, Bt, Ct, 128, D=Dt)
+
+    leaves = [v.detach().clone().requires_grad_(True) for v in (xt, dtt, Bt, Ct)]
+
+    def mbwd():
+      y = mamba(leaves[0], leaves[1], At, leaves[2], leaves[3], 128, D=Dt)
+      return torch.autograd.grad((y.float() * wt).sum(), leaves)
+    sync = lambda o: torch.cuda.synchronize()
+    row["mamba_fwd_ms"], _ = time_fn(lambda: mfwd(), (), sync)
+    row["mamba_bwd_ms"], _ = time_fn(lambda: mbwd(), (), sync)
+    if ref is not None:
+      row["mamba_bwd_err_x"] = _rel(mbwd()[0].float().cpu().numpy(), ref[0])
+  except Exception as e:
+    row["mamba_error"] = repr(e)[:1500]
+    traceback.print_exc()
 
 
 def print_table(rows, names):
