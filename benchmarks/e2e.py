@@ -38,15 +38,15 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import nemojax  # noqa: E402
-from nemojax import engine, jit  # noqa: E402
-from nemojax.sampler import Sampler  # noqa: E402
-from nemojax.cache import KVState, MambaState  # noqa: E402
+import nemojax
+from nemojax import engine, jit
+from nemojax.sampler import Sampler
+from nemojax.cache import KVState, MambaState
 
 RESULTS: dict = {}
 ROWS: list[tuple] = []
