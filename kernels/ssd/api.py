@@ -4,9 +4,9 @@
   None      pick the fastest available for the arrays' device ("pallas" on a Hopper-or-newer
             NVIDIA GPU when the kernel supports the shapes, else "xla").
   "xla"     `reference.ssd_chunked`, runs everywhere (CPU, TPU, any GPU).
-  "pallas"  the Mosaic GPU kernels (`pallas_mosaic_gpu{,_bwd}.py`); without a Hopper-or-newer GPU it runs
-            on Mosaic GPU's CPU interpreter (slow: for tests); an error for shapes it does not
-            support.
+  "pallas"  the Mosaic GPU kernels (`pallas_mosaic_gpu.py`, `pallas_mosaic_gpu_bwd.py`); without a
+            Hopper-or-newer GPU they run on Mosaic GPU's CPU interpreter (slow: for tests); an error
+            for shapes they do not support.
   "naive"   the `lax.scan` oracle; for tests.
 """
 

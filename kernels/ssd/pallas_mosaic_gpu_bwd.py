@@ -374,7 +374,8 @@ def _ssd_fwd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
   if config.backward == "xla":
     out = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret)
     return out, (x, dt, A, B, C, D, initial_state, None)
-  y, fin, states = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret, emit_states=True)
+  y, fin, states = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret,
+                               emit_states=True)
   return (y, fin), (x, dt, A, B, C, D, initial_state, states)
 
 
