@@ -73,7 +73,7 @@ def smem_bytes(head_dim: int, state_size: int = 128, config: fwd.Config = fwd.DE
 
 def _tma_grads(config) -> bool:
   # bf16 dB/dC tiles leave through shared memory and TMA; fp32 ones (no room for the tiles) are
-  # stored from registers, which costs ~3.5 ms per 16k tokens (H200, 2026-12-02).
+  # stored from registers, which costs ~3.5 ms per 16k tokens (H200, 2026-12-01).
   return jnp.dtype(config.bwd_grad_dtype) == jnp.dtype(jnp.bfloat16)
 
 
