@@ -140,14 +140,15 @@ assert np.all(np.isfinite(horizon) & (horizon > 0))
 if plt is not None:
   fig, ax = plt.subplots(figsize=(8, 2.2 + 0.08 * len(mamba_layers)))
   im = ax.imshow(np.log10(horizon), aspect="auto", cmap="viridis")
-  ax.set(xlabel="head", ylabel="Mamba layer #", title="log10 memory horizon 1/(Δt·|A|), tokens")
+  ax.set(xlabel="head", ylabel="layer", title="log10 memory horizon 1/(Δt·|A|), tokens",
+         yticks=range(len(mamba_layers)), yticklabels=mamba_layers)
   fig.colorbar(im, ax=ax)
   plt.show()
 
 # %% [markdown]
 # ## 3. The state along a reasoning trace
 # Prefill a question, then feed its step-by-step trace one token at a time and watch each Mamba
-# layer's state: its norm, and how much of it each token rewrites (|S_t − S_{t−1}| / |S_t|).
+# layer's state: its norm, and how much of it each token rewrites (|S_t − S_{t−1}| / |S_{t−1}|).
 
 # %%
 problem = demo_task.heldout_problems(1)[0]
@@ -175,12 +176,16 @@ print("mean share of the state rewritten per token, by Mamba layer:",
 # %%
 if plt is not None:
   fig, ax = plt.subplots(1, 3, figsize=(13, 3.2))
-  ax[0].plot(norms)
+  ax[0].plot(norms, label=[f"layer {i}" for i in mamba_layers])
   ax[0].set(xlabel="trace token", ylabel="|S|", title="state norm per Mamba layer")
+  if len(mamba_layers) <= 8:
+    ax[0].legend(fontsize=7)
   ax[1].plot(changes)
-  ax[1].set(xlabel="trace token", ylabel="|ΔS| / |S|", title="state rewritten per token")
+  ax[1].set(xlabel="trace token", ylabel="|S_t − S_t−1| / |S_t−1|",
+            title="state rewritten per token")
   im = ax[2].imshow(per_head, aspect="auto", cmap="magma")
-  ax[2].set(xlabel="head", ylabel="Mamba layer #", title="per-head |S| after the trace")
+  ax[2].set(xlabel="head", ylabel="layer", title="per-head |S| after the trace",
+            yticks=range(len(mamba_layers)), yticklabels=mamba_layers)
   fig.colorbar(im, ax=ax[2])
   fig.tight_layout()
   plt.show()

@@ -34,7 +34,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
