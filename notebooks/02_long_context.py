@@ -125,13 +125,14 @@ def timed(ids, new_tokens: int) -> float:
 
 lengths = (128, 512, 1024) if TINY else (1024, 4096, 16384, 65536, 131072)
 steps = 128  # decode tokens timed per length: enough to stand out of the timer's noise
+repeats = 3 if TINY else 1  # the best of `repeats`: tiny timings are noisy, 128k ones long
 rng = np.random.default_rng(0)
 timing = []
 for n in lengths:
   ids = [int(i) for i in rng.integers(3, tok.vocab_size, n)]
   timed(ids, steps + 1)  # compiles this length's programs
-  ttft = min(timed(ids, 1) for _ in range(3))
-  per_token = (min(timed(ids, steps + 1) for _ in range(3)) - ttft) / steps
+  ttft = min(timed(ids, 1) for _ in range(repeats))
+  per_token = (min(timed(ids, steps + 1) for _ in range(repeats)) - ttft) / steps
   timing.append((n, ttft, per_token))
   print(f"context {n:6d}: first token {1e3 * ttft:8.1f} ms | "
         f"decode {1e3 * per_token:6.2f} ms/token")
