@@ -27,11 +27,11 @@
 
 # %% [markdown]
 # ## Set-up
-# On a fresh Colab GPU or TPU runtime, uncomment the `pip` line (Colab ships jax; on a GPU
-# runtime install `jax[cuda12]` if `jax.devices()` shows only a CPU).
+# On a fresh Colab GPU or TPU runtime: put a copy of this repository on the runtime (clone it or
+# upload it as `nemojax/`) and run `!pip install -q -e "nemojax[notebooks]"` in a cell first.
+# Colab ships jax; on a GPU runtime install `jax[cuda12]` if `jax.devices()` shows only a CPU.
 
 # %%
-# !pip install -q "nemojax[notebooks] @ git+https://github.com/OWNER/nemojax"  # OWNER: your copy
 import os
 import subprocess
 import sys
