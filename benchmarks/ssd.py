@@ -119,7 +119,7 @@ def _parse_args():
 
 def make_config(spec):
   """A pallas Config from "key=value,..." overrides."""
-  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # noqa: PLC0415
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg
   overrides = dict(kv.split("=") for kv in spec.split(",") if kv)
   conv = lambda k, v: (v == "True") if v in ("True", "False") else type(
       getattr(pmg.DEFAULT_CONFIG, k))(v)
@@ -142,7 +142,7 @@ def _load_baselines(args, impls):
     try:
       if args.mamba_path:
         sys.path.insert(0, args.mamba_path)
-      import torch  # noqa: PLC0415
+      import torch
       from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as e:  # keep going without the baseline
       print(f"mamba_ssm unavailable: {e!r}")
@@ -153,8 +153,8 @@ def _load_baselines(args, impls):
 
 def _make_fns(args, config, variants, jla_gla):
   """The jitted implementations, each (x, dt_raw, A, B, C, D, dt_bias, chunk) → (y, state)."""
-  from nemojax.kernels.ssd import reference  # noqa: PLC0415
-  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # noqa: PLC0415
+  from nemojax.kernels.ssd import reference
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg
 
   def softplus(v):
     return jnp.logaddexp(v, 0.0)
@@ -196,7 +196,7 @@ def _run_backward(args, config, make_config):
   if args.mamba_path:
     sys.path.insert(0, args.mamba_path)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import ssd_backward  # noqa: PLC0415
+  import ssd_backward
   configs = {"": config} | {f"[{v}]": make_config(v) for v in args.variants.split(";") if v}
   return ssd_backward.run(args, H=H, N=N, G=G, time_fn=time_fn, configs=configs)
 
@@ -236,7 +236,8 @@ def main():
           except Exception as e:
             row["ref_error"] = repr(e)[:300]
         for impl in impls:
-          if impl in variants and args.variant_shapes and shape not in args.variant_shapes.split(","):
+          only = args.variant_shapes.split(",") if args.variant_shapes else None
+          if impl in variants and only and shape not in only:
             continue
           try:
             if impl == "mamba":
@@ -360,7 +361,8 @@ def print_table(rows):
     ratio = (f"{r['pallas_ms'] / r['mamba_ms']:.2f}" if "pallas_ms" in r and "mamba_ms" in r
              else "-")
     print(f"| {r['shape']} | {r['p']} | {r['chunk']} | {r['roofline_ms']:.3f} | {f('pallas_ms')} "
-          f"| {eff} | {f('xla_ms')} | {f('mamba_ms')} | {f('jla_ms')} | {ratio} | {f('pallas_err_y', '{:.1e}')} "
+          f"| {eff} | {f('xla_ms')} | {f('mamba_ms')} | {f('jla_ms')} | {ratio} "
+          f"| {f('pallas_err_y', '{:.1e}')} "
           f"| {f('pallas_err_state', '{:.1e}')} |")
   steps = [r for r in rows if r.get("step")]
   if steps:
@@ -371,7 +373,8 @@ def print_table(rows):
       print(f"| B={r['batch']} | {r['p']} | {r['roofline_ms']:.4f} | {r['xla_ms']:.4f} "
             f"| {r['roofline_ms'] / r['xla_ms']:.0%} | {m:.4f} | {r['xla_ms'] / m:.2f} |")
   for r in rows:
-    extra = [f"{k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("pallas[") and k.endswith("_ms")]
+    extra = [f"{k[:-3]} {v:.3f} ms" for k, v in r.items()
+             if k.startswith("pallas[") and k.endswith("_ms")]
     if extra:
       print(f"variants {r['shape']} P={r['p']} Q={r['chunk']}: " + "; ".join(extra))
   errs = [(r.get("shape"), k, v[:200]) for r in rows for k, v in r.items() if k.endswith("error")]

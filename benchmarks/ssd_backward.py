@@ -127,7 +127,7 @@ def _time_jax(row, fns, inp, ref, time_fn):
         out = jax.device_get(out)
         row[f"{name}_nan"] = not all(np.isfinite(np.asarray(o, np.float32)).all() for o in out)
         if ref is not None and name.startswith("ours"):
-          for nm, o, r in zip("x dt A B C D".split(), out, ref):
+          for nm, o, r in zip(["x", "dt", "A", "B", "C", "D"], out, ref):
             row[f"{name}_err_{nm}"] = _rel(o, r)
         if ref is not None and name.startswith("jla"):
           row[f"{name}_err_x"] = _rel(out[0], ref[0])

@@ -30,18 +30,21 @@ computes the block-local cumsum Λ and transposes dt, Λ and B so that they arri
 Interpret mode (`interpret=True`, CPU tests) runs the same kernel body on Mosaic GPU's interpreter
 (TMA copies, barriers, warpgroups, pipelining). The interpreter of jax 0.10 cannot take register
 operands in wgmma nor register layouts in loads, so there the products are `jnp.dot`s on the same
-shared-memory tiles and the SMEM buffers carry no swizzle; everything else is the kernel as compiled.
+shared-memory tiles and the SMEM buffers carry no swizzle; everything else is the kernel as
+compiled.
 
 Measured on an H200 (benchmarks/RESULTS.md, "SSD kernel"): 0.16–0.45× mamba_ssm's time at all 20
 BENCHMARKS.md shapes (head dims 80 and 64, chunks 128 and 256), ‖Δy‖/‖y‖ ≈ 2.4e-3 against an fp32
 reference.
 
-Training: `pallas_mosaic_gpu_bwd.ssd` (the public entry) is a `custom_vjp`. Its forward runs this kernel with `emit_states`, which also
-writes the bf16 Sᵀ entering every block (one TMA store of the tile the C·Sᵀ product reads; 2·n·p
-bytes per head and block, ~20 KB per token at p = 80: saved rather than recomputed because a
-recompute pass would read x, B, C again and cost more), and its backward runs
+Training: `pallas_mosaic_gpu_bwd.ssd` (the public entry) is a `custom_vjp`. Its forward runs this
+kernel with `emit_states`, which also writes the bf16 Sᵀ entering every block (one TMA store of
+the tile the C·Sᵀ product reads; 2·n·p bytes per head and block, ~20 KB per token at p = 80:
+saved rather than recomputed because a recompute pass would read x, B, C again and cost more),
+and its backward runs
 `pallas_mosaic_gpu_bwd` (a reverse walk over the blocks). `Config(backward="xla")` keeps the XLA
-reference's VJP (the path on every non-Hopper backend, where the dispatcher never picks this module).
+reference's VJP (the path on every non-Hopper backend, where the dispatcher never picks this
+module).
 """
 
 from __future__ import annotations
