@@ -149,12 +149,13 @@ def test_streaming_deltas_concatenate_to_the_result(sampler):
   whole = sampler(prompts, max_new_tokens=11)
   pieces = [[], []]
   events = 0
-  for new, _ in sampler.stream(prompts, max_new_tokens=11, segment=3):
+  for new, results_so_far in sampler.stream(prompts, max_new_tokens=11, segment=3):
     events += 1
     for i, toks in enumerate(new):
       pieces[i] += toks
+    final = results_so_far
   assert events >= 4
-  assert pieces == [r.tokens for r in whole] == [r.tokens for r in results]
+  assert pieces == [r.tokens for r in whole] == [r.tokens for r in final]
 
 
 def test_should_stop_ends_a_row_between_segments(sampler):
