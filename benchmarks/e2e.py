@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nemojax  # noqa: E402
-from nemojax import sampler as S  # noqa: E402
+from nemojax import engine, jit  # noqa: E402
+from nemojax.sampler import Sampler  # noqa: E402
 from nemojax.cache import KVState, MambaState  # noqa: E402
 
 RESULTS: dict = {}
@@ -236,7 +237,7 @@ def part_prefill(model, cfg, args):
     model.set_ssd_implementation(impl)
     for chunk in args.prefill_chunks:
       name = f"{impl}_chunk{min(chunk, L)}"
-      smp = S.Sampler(model, prefill_chunk=min(chunk, L), cache_size=L + 512)
+      smp = Sampler(model, prefill_chunk=min(chunk, L), cache_size=L + 512)
       try:
         t = time.perf_counter()
         smp(ids, max_new_tokens=1)
@@ -259,7 +260,7 @@ def part_prefill(model, cfg, args):
 def part_long(model, cfg, args):
   L, new = args.long_len, args.long_new
   ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, L)).tolist()
-  smp = S.Sampler(model, prefill_chunk=args.long_chunk, cache_size=L + new + 256)
+  smp = Sampler(model, prefill_chunk=args.long_chunk, cache_size=L + new + 256)
   t = time.perf_counter()
   res = smp(ids, max_new_tokens=new)  # first call: includes compilation
   first = time.perf_counter() - t
@@ -272,13 +273,12 @@ def part_long(model, cfg, args):
              ttft_roofline_s=roof, ttft_over_roofline=ttft / roof,
              peak_device_gib=peak_bytes() / 2**30)
   # Device memory the compiled prefill program needs beyond its arguments, per chunk size.
-  graphdef, params = nnx.split(model)
-  st = S.structure(graphdef)
+  graph, params = jit.split(model)
   cache = jax.eval_shape(lambda: model.init_cache(1, L + new + 256))
   for chunk in sorted({args.long_chunk, 2 * args.long_chunk}):
     ids_abs = jax.ShapeDtypeStruct((1, chunk), jnp.int32)
     try:
-      mem = S._prefill_jit.lower(st, params, cache, ids_abs).compile().memory_analysis()
+      mem = engine.prefill.lower(graph, params, cache, ids_abs).compile().memory_analysis()
       out[f"prefill_chunk{chunk}_temp_gib"] = mem.temp_size_in_bytes / 2**30
       out[f"prefill_chunk{chunk}_args_gib"] = mem.argument_size_in_bytes / 2**30
     except Exception as e:  # memory_analysis is best effort on some backends
@@ -315,25 +315,14 @@ def decode_inputs(model, cfg, b, ctx, steps):
   """A loop state whose cache holds `ctx` random tokens, sized as the Sampler would size it."""
   s_max = -(-(ctx + 2 * steps + 64) // 256) * 256
   cache = random_cache(model, b, s_max, ctx, jax.random.key(b * 7 + ctx))
-  state = S.LoopState(
-      cache=cache, last=jnp.ones((b,), jnp.int32), tokens=jnp.zeros((b, 2 * steps), jnp.int32),
-      count=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
-      reason=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
-      thinking=jnp.zeros((b,), bool), think_count=jnp.zeros((b,), jnp.int32),
-      forcing=jnp.full((b,), -1, jnp.int32), recent=jnp.full((b, 1), -1, jnp.int32))
-  lcfg = S.LoopConfig(
-      max_new=jnp.full((b,), 2 * steps, jnp.int32), temperature=jnp.zeros((b,)),
-      top_k=jnp.zeros((b,), jnp.int32), top_p=jnp.ones((b,)),
-      key=jax.random.key_data(jax.random.key(0)), stop_ids=jnp.full((8,), -1, jnp.int32),
-      budget=jnp.full((b,), -1, jnp.int32), grace=jnp.full((b,), -1, jnp.int32),
-      newline=jnp.zeros((cfg.vocab_size,), bool), close_text=jnp.zeros((1,), jnp.int32),
-      close_marker=jnp.full((1,), -2, jnp.int32))
+  state = engine.init_state(cache, jnp.ones((b,), jnp.int32), max_new_tokens=2 * steps)
+  lcfg, _ = engine.loop_config(vocab_size=cfg.vocab_size, max_new_tokens=2 * steps,
+                               sampling_params=nemojax.SamplingParams(), seeds=[0] * b)
   return state, lcfg
 
 
 def part_decode(model, cfg, args):
-  graphdef, params = nnx.split(model)
-  st = S.structure(graphdef)
+  graph, params = jit.split(model)
   out = {}
   steps = args.decode_steps
   for b in args.batches:
@@ -343,11 +332,11 @@ def part_decode(model, cfg, args):
       state, lcfg = decode_inputs(model, cfg, b, ctx, steps)
       t = time.perf_counter()
       # compile + 1 step
-      state = S._decode_jit(st, params, state, lcfg, jnp.int32(1), "greedy")
+      state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1), "greedy")
       jax.block_until_ready(state.tokens)
       compile_s = time.perf_counter() - t
       t = time.perf_counter()
-      state = S._decode_jit(st, params, state, lcfg, jnp.int32(1 + steps), "greedy")
+      state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1 + steps), "greedy")
       jax.block_until_ready(state.tokens)
       per_step = (time.perf_counter() - t) / steps
       roof = decode_roofline_s(b, ctx)
@@ -435,8 +424,7 @@ def summarize_trace(trace_dir, wall_s, top=18):
 
 def part_profile(model, cfg, args):
   """Traces a few decode steps and one prefill chunk; reports where the GPU time goes."""
-  graphdef, params = nnx.split(model)
-  st = S.structure(graphdef)
+  graph, params = jit.split(model)
   out = {}
   cases = [c for c in args.profile_cases.split(",") if c]
   for case in cases:
@@ -446,14 +434,15 @@ def part_profile(model, cfg, args):
       b, ctx = int(bs[1:]), int(cs[3:])
       steps = 8
       state, lcfg = decode_inputs(model, cfg, b, ctx, steps)
-      state = S._decode_jit(st, params, state, lcfg, jnp.int32(1), "greedy")
+      state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1), "greedy")
       jax.block_until_ready(state.tokens)
-      run = lambda s0=state: S._decode_jit(st, params, s0, lcfg, jnp.int32(1 + steps), "greedy")
+      run = lambda s0=state: engine.decode_segment(graph, params, s0, lcfg, jnp.int32(1 + steps),
+                                                   "greedy")
       per = steps
     else:  # prefill_8192
       L = int(case.split("_")[1])
       ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, L)).tolist()
-      smp = S.Sampler(model, prefill_chunk=min(args.prefill_chunks[-1], L), cache_size=L + 512)
+      smp = Sampler(model, prefill_chunk=min(args.prefill_chunks[-1], L), cache_size=L + 512)
       smp(ids, max_new_tokens=1)
       run = lambda: smp(ids, max_new_tokens=1)[0].tokens
       per = 1

@@ -4,6 +4,7 @@
     convert("NVIDIA-Nemotron-Nano-9B-v2", "nano9b-nemojax")   # HF dir -> nemojax dir
     export("nano9b-nemojax", "nano9b-hf")                      # nemojax dir -> HF dir
     save(model, "finetuned-nemojax", copy_from="nano9b-nemojax")
+    export_model(model, "finetuned-hf", copy_from="nano9b-nemojax")  # model -> HF dir
 
 The functions load lazily (orbax is imported only when one is used), because `nemojax.load` imports
 this package for its HF reader.
@@ -11,7 +12,7 @@ this package for its HF reader.
 
 from __future__ import annotations
 
-_API = ("convert", "export", "save", "Report")
+_API = ("convert", "export", "export_model", "save", "Report")
 
 
 def __getattr__(name: str):

@@ -25,8 +25,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from nemojax.convert import atomic, hf, orbax_io, safetensors_out
-from nemojax.convert.names import tensor_specs
+from nemojax.config import CheckpointError
+from nemojax.convert import atomic, hf, integrity, orbax_io, safetensors_out
+from nemojax.convert.names import model_tensors, tensor_specs
 
 # Files carried along with the weights (tokenizer, chat template, generation defaults, license).
 EXTRA_FILES = (
@@ -135,7 +136,6 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
     FileExistsError: `out_dir` exists and may not be replaced.
     ValueError: bad arguments. OSError: not enough disk space, I/O errors.
   """
-  from nemojax.checkpoint import param_dtype  # noqa: PLC0415  (cycle: checkpoint imports us)
   t0 = time.perf_counter()
   dtype = _dtype_name(dtype, ("bfloat16", "float32"))
   if out_dir is None and not validate_only:
@@ -144,11 +144,10 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
     out_dir = atomic.check_target(out_dir, overwrite=overwrite, kind="nemojax checkpoint",
                                   replaceable=orbax_io.is_nemojax_checkpoint, sources=[hf_dir])
   if orbax_io.is_nemojax_checkpoint(hf_dir):
-    raise hf.CheckpointError(f"{os.path.abspath(hf_dir)}: already a nemojax checkpoint "
+    raise CheckpointError(f"{os.path.abspath(hf_dir)}: already a nemojax checkpoint "
                              f"({orbax_io.MANIFEST}); `nemojax export` writes an HF one")
   ckpt = hf.inspect(hf_dir)
-  stored = {i.spec.hf_name: np.dtype(param_dtype(i.spec, orbax_io.np_dtype(dtype)))
-            for i in ckpt.tensors}
+  stored = {i.spec.hf_name: i.spec.storage_dtype(orbax_io.np_dtype(dtype)) for i in ckpt.tensors}
   out_bytes = sum(i.num_bytes // hf.DTYPES[i.dtype].itemsize * stored[i.spec.hf_name].itemsize
                   for i in ckpt.tensors)
   rounded = [i for i in ckpt.tensors if (i.dtype, stored[i.spec.hf_name].name) not in _LOSSLESS]
@@ -227,15 +226,8 @@ def save(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
     elif hf.is_hf_checkpoint(copy_from):
       hf_dtypes = {i.spec.hf_name: i.dtype for i in hf.inspect(copy_from).tensors}
     else:
-      raise hf.CheckpointError(f"{copy_from}: copy_from is neither a nemojax nor an HF checkpoint")
-  pure = nnx.to_pure_dict(nnx.state(model))
-  specs = tensor_specs(config)
-  leaves = []
-  for spec in specs:
-    node = pure
-    for key in spec.path:
-      node = node[key]
-    leaves.append((spec, node))
+      raise CheckpointError(f"{copy_from}: copy_from is neither a nemojax nor an HF checkpoint")
+  leaves = list(model_tensors(nnx.to_pure_dict(nnx.state(model)), config))
   num_bytes = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
                   for s, x in leaves)
   atomic.check_free_space(out_dir, num_bytes)
@@ -246,6 +238,7 @@ def save(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
       for spec, leaf in leaves:
         writer.reserve(int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize)
         arr = np.asarray(leaf)
+        integrity.check_finite(arr, spec.hf_name, "model")
         writer.add(spec, arr, hf_dtypes.get(spec.hf_name))
         bar.update(arr.nbytes)
         del arr
@@ -263,8 +256,16 @@ def save(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
 
 
 # --------------------------------------------------------------------------------------------------
-# nemojax -> HF
+# nemojax -> HF, model in memory -> HF
 # --------------------------------------------------------------------------------------------------
+def _forced_hf_dtype(dtype) -> str | None:
+  """The safetensors dtype every tensor is written in, or None for "each its own"."""
+  if dtype is None or str(dtype) == "auto":
+    return None
+  name = _dtype_name(dtype, ("bfloat16", "float32", "float16"))
+  return hf.DTYPE_NAMES[np.dtype(orbax_io.np_dtype(name))]
+
+
 def export(nemojax_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=None,
            max_shard_size: int | str = "5GB", overwrite: bool = False,
            progress: bool | None = None) -> Report:
@@ -284,40 +285,83 @@ def export(nemojax_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
   """
   t0 = time.perf_counter()
   src = orbax_io.read(nemojax_dir)
-  hf_dir = atomic.check_target(hf_dir, overwrite=overwrite, kind="Hugging Face checkpoint",
-                               replaceable=hf.is_hf_checkpoint, sources=[src.path])
-  forced = None
-  if dtype is not None and str(dtype) != "auto":
-    forced = hf.DTYPE_NAMES[np.dtype(orbax_io.np_dtype(
-        _dtype_name(dtype, ("bfloat16", "float32", "float16"))))]
+  forced = _forced_hf_dtype(dtype)
   out_dtype = {t.spec.hf_name: forced or t.hf_dtype or hf.DTYPE_NAMES[t.dtype]
                for t in src.tensors}
-  layout = safetensors_out.plan([(t.spec.hf_name, t.spec.shape, out_dtype[t.spec.hf_name])
-                                 for t in src.tensors], max_shard_size)
+  arrays = lambda: ((t.spec, arr) for t, arr in orbax_io.iter_arrays(src))  # noqa: E731
+  return _write_hf(hf_dir, src.config, out_dtype, arrays, extra_from=src.path,
+                   max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                   report=("export", src.path, t0))
+
+
+def export_model(model, hf_dir: str | os.PathLike, *, dtype=None,
+                 max_shard_size: int | str = "5GB", overwrite: bool = False,
+                 copy_from: str | os.PathLike | None = None,
+                 progress: bool | None = None) -> Report:
+  """Writes a `NemotronH` model (e.g. just trained) as an HF safetensors checkpoint directory.
+
+  Arrays are copied to the host one at a time (a sharded array is gathered).
+
+  Args:
+    model: the model.
+    hf_dir: the HF checkpoint directory to create.
+    dtype: None to write each tensor in its current dtype, or "bfloat16"/"float32"/"float16".
+    max_shard_size: bytes or a string like "5GB" (10**9) or "4GiB".
+    overwrite: replace an existing `hf_dir` (only an HF checkpoint or an empty directory).
+    copy_from: optional directory whose tokenizer, chat template and generation config files are
+      copied along.
+    progress: show a progress bar on stderr (None: only when stderr is a terminal).
+  """
+  from flax import nnx  # noqa: PLC0415
+  t0 = time.perf_counter()
+  config = model.config
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  forced = _forced_hf_dtype(dtype)
+  out_dtype = {spec.hf_name: forced or hf.DTYPE_NAMES[np.dtype(leaf.dtype)]
+               for spec, leaf in model_tensors(pure, config)}
+
+  def arrays():
+    for spec, leaf in model_tensors(pure, config):
+      arr = np.asarray(leaf)
+      integrity.check_finite(arr, spec.hf_name, "model")
+      yield spec, arr
+      del arr
+
+  return _write_hf(hf_dir, config, out_dtype, arrays, extra_from=copy_from,
+                   max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                   report=("export", None, t0))
+
+
+def _write_hf(hf_dir, config, out_dtype: dict[str, str], arrays, *, extra_from, max_shard_size,
+              overwrite: bool, progress, report: tuple) -> Report:
+  """Plans the shards, checks the target and the disk, then streams `arrays()` into place."""
+  specs = tensor_specs(config)
+  sources = [extra_from] if extra_from is not None else []
+  hf_dir = atomic.check_target(hf_dir, overwrite=overwrite, kind="Hugging Face checkpoint",
+                               replaceable=hf.is_hf_checkpoint, sources=sources)
+  layout = safetensors_out.plan([(s.hf_name, s.shape, out_dtype[s.hf_name]) for s in specs],
+                                max_shard_size)
   atomic.check_free_space(hf_dir, layout.num_bytes)
   by_bytes: dict[str, int] = {}
-  for t in src.tensors:
-    by_bytes[out_dtype[t.spec.hf_name]] = by_bytes.get(out_dtype[t.spec.hf_name], 0) + t.num_bytes
+  for slot in layout.slots.values():
+    by_bytes[slot.dtype] = by_bytes.get(slot.dtype, 0) + slot.num_bytes
   main_dtype = hf.DTYPES[max(by_bytes, key=by_bytes.get)]
   main_name = "bfloat16" if main_dtype == hf.DTYPES["BF16"] else main_dtype.name
   with atomic.staged(hf_dir, overwrite=overwrite) as tmp:
     writer = safetensors_out.ShardWriter(tmp, layout)
-
-    def write_part(part):  # a function, so no array outlives it while the next part loads
-      for t, arr in part:
-        out = arr.astype(hf.DTYPES[out_dtype[t.spec.hf_name]], copy=False)
-        writer.write(t.spec.hf_name, out)
-        bar.update(out.nbytes)
-
     with _progress(layout.num_bytes, "export", progress) as bar:
-      for part in orbax_io.iter_parts(src):
-        write_part(part)
-        del part
+      for spec, arr in arrays():
+        out = arr.astype(hf.DTYPES[out_dtype[spec.hf_name]], copy=False)
+        writer.write(spec.hf_name, out)
+        bar.update(out.nbytes)
+        del arr, out  # before the next array is read
     writer.finish()
-    cfg = src.config.to_hf_config()
+    cfg = config.to_hf_config()
     cfg["dtype"] = main_name
     _write_json(os.path.join(tmp, "config.json"), cfg)
-    _copy_extra_files(src.path, tmp, exclude={"config.json", orbax_io.MANIFEST})
+    if extra_from is not None:
+      _copy_extra_files(os.fspath(extra_from), tmp, exclude={"config.json", orbax_io.MANIFEST})
     hf.inspect(tmp)  # what we wrote must read back as the config says
-  return Report("export", src.path, hf_dir, len(src.tensors), layout.num_bytes,
-                time.perf_counter() - t0, main_name)
+  action, source, t0 = report
+  return Report(action, source, hf_dir, len(specs), layout.num_bytes, time.perf_counter() - t0,
+                main_name)

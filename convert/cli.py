@@ -63,6 +63,23 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
   _add_progress_args(p)
 
 
+_VERIFY_HELP = """\
+Check a directory nemojax wrote against the sizes and SHA-256 hashes recorded when it was
+written: a converted or saved checkpoint (nemojax.json), a training checkpoint directory (every
+step) or one step. An HF directory has no recorded hashes: its headers are checked and every
+tensor is read and checked for NaN/Inf. Prints one line; exits 1 naming the first damaged or
+missing file."""
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("directory", metavar="DIR",
+                 help="a nemojax checkpoint, a training checkpoint directory or step, or an HF "
+                      "checkpoint directory")
+  p.add_argument("--sizes-only", action="store_true",
+                 help="check only that every recorded file is present with its recorded size "
+                      "(fast; no hashing)")
+
+
 def _add_progress_args(p: argparse.ArgumentParser) -> None:
   g = p.add_mutually_exclusive_group()
   g.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -81,6 +98,10 @@ def register(subparsers) -> None:
                             description=_EXPORT_HELP)
   _add_export_args(p)
   p.set_defaults(func=run_export, prog=p.prog)
+  p = subparsers.add_parser("verify", help="check a checkpoint against its recorded hashes",
+                            description=_VERIFY_HELP)
+  _add_verify_args(p)
+  p.set_defaults(func=run_verify, prog=p.prog)
 
 
 def _cpu_only() -> None:
@@ -101,8 +122,7 @@ def _terminate(signum, frame):
 
 
 def _run(prog: str, fn) -> int:
-  from nemojax.config import ConfigError  # noqa: PLC0415
-  from nemojax.convert.hf import CheckpointError  # noqa: PLC0415
+  from nemojax.config import CheckpointError, ConfigError  # noqa: PLC0415
   previous = None
   try:
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -115,7 +135,8 @@ def _run(prog: str, fn) -> int:
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
-    print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+    print(f"{prog}: interrupted; nothing was written (no partial output or staging directory "
+          "is left)", file=sys.stderr)
     return 130
   finally:
     if previous is not None:
@@ -145,6 +166,13 @@ def run_export(args: argparse.Namespace) -> int:
   return _run(prog, lambda: api.export(
       args.nemojax_dir, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
       overwrite=args.overwrite, progress=args.progress))
+
+
+def run_verify(args: argparse.Namespace) -> int:
+  from nemojax.convert import verify  # noqa: PLC0415
+  prog = getattr(args, "prog", "nemojax verify")
+  _cpu_only()
+  return _run(prog, lambda: verify.verify(args.directory, hashes=not args.sizes_only))
 
 
 def build_parser(prog: str = "python -m nemojax.convert") -> argparse.ArgumentParser:

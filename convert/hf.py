@@ -21,7 +21,10 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors' 
 import numpy as np
 from safetensors import safe_open
 
-from nemojax.config import ConfigError, NemotronHConfig
+# CheckpointError lives in the config module (nemojax.CheckpointError); importing it here keeps
+# `from nemojax.convert.hf import CheckpointError` working.
+from nemojax.config import CheckpointError, ConfigError, NemotronHConfig
+from nemojax.convert import integrity
 from nemojax.convert.names import TensorSpec, is_ignored, tensor_specs
 
 SINGLE_FILE = "model.safetensors"
@@ -30,10 +33,6 @@ _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float1
 # safetensors dtype string <-> NumPy dtype, for the float dtypes a Nemotron-H checkpoint may hold.
 DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in _FLOAT_DTYPES.items()}
 DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read as the config says it should be."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +215,8 @@ def iter_tensors(ckpt: HFCheckpoint, *, digests: dict[str, str] | None = None,
 
   Shards are read front to back with plain reads into a fresh buffer per tensor (no memory map:
   a mapped shard's pages would count as resident memory until it is closed, i.e. up to the whole
-  shard). Arrays are read-only, in the file's native dtype.
+  shard). Arrays are read-only, in the file's native dtype; a tensor holding NaN or Inf raises
+  CheckpointError (a broken checkpoint is refused, not passed on).
 
   Args:
     ckpt: a checkpoint validated by `inspect` (headers already checked by the safetensors reader).
@@ -277,7 +277,11 @@ def _read_shard(file: str, infos: list[TensorInfo], hasher: "_BackgroundHash | N
       if hasher is not None:
         hasher.update(buf)
       pos = end
-      yield info, buf.view(DTYPES[info.dtype]).reshape(info.spec.shape)
+      arr = buf.view(DTYPES[info.dtype]).reshape(info.spec.shape)
+      integrity.check_finite(arr, info.spec.hf_name, file)
+      del buf
+      yield info, arr
+      del arr
     if hasher is not None:  # whatever follows the last tensor belongs to the file's digest too
       while chunk := f.read(1 << 24):
         hasher.update(chunk)

@@ -24,17 +24,16 @@ Compression is off: zstd saved ~20% on bf16 weights but wrote 3-5x slower.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nemojax.config import ConfigError, NemotronHConfig
-from nemojax.convert import hf
-from nemojax.convert.hf import CheckpointError
-from nemojax.convert.names import TensorSpec, is_stacked, tensor_specs
-from nemojax.convert.stacked import StackedParams
+from nemojax.config import CheckpointError, ConfigError, NemotronHConfig
+from nemojax.convert import atomic, hf, integrity
+from nemojax.convert.names import TensorSpec, assign, lookup, tensor_specs
 
 FORMAT = "nemojax"
 FORMAT_VERSION = 1
@@ -77,10 +76,12 @@ class NemojaxCheckpoint:
     return os.path.join(self.path, PARAMS, part)
 
 
-def is_nemojax_checkpoint(path: str | os.PathLike) -> bool:
-  """Whether `path` looks like a directory written by `nemojax convert` or `save`."""
+def is_nemojax_checkpoint(path: str | os.PathLike, *, damaged: bool = False) -> bool:
+  """Whether `path` looks like a directory written by `nemojax convert` or `save` (with
+  `damaged`: or like one that lost its manifest or params/)."""
   path = os.fspath(path)
-  return os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isdir(os.path.join(path, PARAMS))
+  has = [os.path.isfile(os.path.join(path, MANIFEST)), os.path.isdir(os.path.join(path, PARAMS))]
+  return any(has) if damaged else all(has)
 
 
 def _key_path(spec: TensorSpec) -> tuple[str, ...]:
@@ -91,19 +92,16 @@ def _nest(items) -> dict:
   """{path tuple: value} -> nested dict."""
   tree: dict = {}
   for path, value in items:
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
+    assign(tree, path, value)
   return tree
 
 
-def _lookup(tree, path: tuple[str, ...]):
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
+def _version() -> str:
+  # Not `nemojax.__version__`: the package root imports the loader, which imports this package.
+  try:
+    return importlib.metadata.version("nemojax")
+  except importlib.metadata.PackageNotFoundError:  # running from a source tree, not installed
+    return "unknown"
 
 
 def _map_leaves(fn, tree: dict) -> dict:
@@ -157,6 +155,7 @@ class PartWriter:
     self._pending_bytes = 0
     self.parts: list[str] = []
     self.records: dict[str, dict] = {}
+    self.written: dict[str, dict] = {}  # relative path -> size, sha256 of every file written
     os.makedirs(params_dir, exist_ok=True)
 
   def reserve(self, num_bytes: int) -> None:
@@ -166,6 +165,7 @@ class PartWriter:
       self.flush()
 
   def add(self, spec: TensorSpec, array: np.ndarray, hf_dtype: str | None = None) -> None:
+    atomic.check_interrupted()
     if tuple(array.shape) != spec.shape:
       raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(array.shape)}, expected "
                        f"{spec.shape}")
@@ -188,8 +188,11 @@ class PartWriter:
       save_args = _map_leaves(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
     except TypeError:  # older orbax: one chunk per array
       save_args = None
-    self._ckptr.save(os.path.join(self._dir, name),
-                     args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    part_dir = os.path.join(self._dir, name)
+    self._ckptr.save(part_dir, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    # Hashed now, while the part is still in the page cache.
+    self.written.update({f"{PARAMS}/{name}/{rel}": rec
+                         for rel, rec in integrity.record_files(part_dir).items()})
     for spec, arr, hf_dtype in self._pending:
       self.records[spec.hf_name] = {"shape": list(spec.shape), "dtype": arr.dtype.name,
                                     "hf_dtype": hf_dtype, "part": name}
@@ -218,7 +221,6 @@ class PartWriter:
 def write_manifest(out_dir: str, *, config: NemotronHConfig, dtype: str, source: dict,
                    writer: PartWriter, files: list[str], lossless: bool) -> dict:
   """Writes nemojax.json after checking that the writer holds exactly the config's tensors."""
-  from nemojax import __version__  # noqa: PLC0415  (nemojax/__init__ imports this package)
   specs = tensor_specs(config)
   names = [s.hf_name for s in specs]
   if set(writer.records) != set(names):
@@ -227,7 +229,7 @@ def write_manifest(out_dir: str, *, config: NemotronHConfig, dtype: str, source:
   manifest = {
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
-      "nemojax_version": __version__,
+      "nemojax_version": _version(),
       "dtype": dtype,
       "lossless": lossless,
       "source": source,
@@ -235,6 +237,10 @@ def write_manifest(out_dir: str, *, config: NemotronHConfig, dtype: str, source:
       "parts": list(writer.parts),
       "tensors": [{"name": n, **writer.records[n]} for n in names],
   }
+  others = [rel for rel in integrity.walk(out_dir) if rel not in writer.written and rel != MANIFEST]
+  manifest["written"] = dict(sorted({**writer.written,
+                                     **integrity.record_files(out_dir, others)}.items()))
+  manifest = integrity.seal(manifest)
   with open(os.path.join(out_dir, MANIFEST), "w") as f:
     f.write(_pretty(manifest) + "\n")
   return manifest
@@ -257,31 +263,26 @@ def _pretty(obj, indent: str = "") -> str:
 # --------------------------------------------------------------------------------------------------
 # Reading and validation
 # --------------------------------------------------------------------------------------------------
-def read(path: str | os.PathLike, *, check_parts: bool = True) -> NemojaxCheckpoint:
+def read(path: str | os.PathLike, *, check_parts: bool = True,
+         verify: bool = True) -> NemojaxCheckpoint:
   """Validates a nemojax checkpoint directory without reading tensor data.
 
-  Checks the manifest against config.json (every tensor present once, nothing unexpected, shapes
-  and dtypes as the config implies) and, with `check_parts`, every part's orbax metadata against
-  the manifest.
+  Checks the manifest's own hash and that every file it records is present with its recorded
+  size (and, with `verify`, its SHA-256), the manifest against config.json (every tensor present
+  once, nothing unexpected, shapes and dtypes as the config implies) and, with `check_parts`,
+  every part's orbax metadata against the manifest.
 
   Raises:
     CheckpointError: naming the file, the tensor and what was expected.
   """
   path = os.path.abspath(os.fspath(path))
   man_path = os.path.join(path, MANIFEST)
-  try:
-    with open(man_path) as f:
-      manifest = json.load(f)
-  except FileNotFoundError:
-    raise CheckpointError(f"{man_path}: missing; not a nemojax checkpoint directory") from None
-  except (ValueError, RecursionError) as e:
-    raise CheckpointError(f"{man_path}: not valid JSON ({e})") from None
-  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-    raise CheckpointError(f"{man_path}: expected an object with \"format\": \"{FORMAT}\"")
-  version = manifest.get("format_version")
-  if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-    raise CheckpointError(f"{man_path}: format_version {version!r}; this nemojax reads versions "
-                          f"1..{FORMAT_VERSION} (a newer nemojax wrote it?)")
+  manifest = _read_manifest(path, man_path)
+  written = manifest.get("written")
+  if written is not None or integrity.SELF_KEY in manifest:
+    integrity.check_files(path, written, manifest=man_path, hashes=False)  # cheap: stat only
+    if verify:  # before orbax reads anything: it reads damaged files with baffling errors
+      integrity.check_files(path, written, manifest=man_path)
   cfg_path = os.path.join(path, "config.json")
   try:
     config = NemotronHConfig.from_json_file(cfg_path)
@@ -339,6 +340,21 @@ def read(path: str | os.PathLike, *, check_parts: bool = True) -> NemojaxCheckpo
   return ckpt
 
 
+def _read_manifest(path: str, man_path: str) -> dict:
+  if not os.path.isfile(man_path):
+    raise CheckpointError(f"{man_path}: missing; not a nemojax checkpoint directory")
+  manifest = integrity.read_json(man_path)
+  if manifest.get("format") != FORMAT:
+    raise CheckpointError(f"{man_path}: expected an object with \"format\": \"{FORMAT}\"")
+  version = manifest.get("format_version")
+  if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    raise CheckpointError(f"{man_path}: format_version {version!r}; this nemojax reads versions "
+                          f"1..{FORMAT_VERSION} (a newer nemojax wrote it?)")
+  if "written" in manifest or integrity.SELF_KEY in manifest:  # absent: before integrity records
+    integrity.check_seal(manifest, man_path)
+  return manifest
+
+
 def np_dtype(name: str) -> np.dtype:
   import ml_dtypes  # noqa: PLC0415, F401  (registers bfloat16 with NumPy)
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
@@ -356,12 +372,13 @@ def _check_part(ckptr, ckpt: NemojaxCheckpoint, part: str) -> None:
   try:
     md = ckptr.metadata(d)
   except Exception as e:  # orbax raises assorted types for unreadable metadata
-    raise CheckpointError(f"{d}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
+    raise CheckpointError(f"{d}: unreadable orbax metadata ({type(e).__name__}: "
+                          f"{_first_line(e)})") from None
   md = getattr(md, "item_metadata", md)  # StepMetadata in newer orbax, the tree in older
   tree = getattr(md, "tree", md)
   wanted = _part_tensors(ckpt, part)
   for t in wanted:
-    leaf = _lookup(tree, _key_path(t.spec))
+    leaf = lookup(tree, _key_path(t.spec))
     if leaf is None or not hasattr(leaf, "shape"):
       raise CheckpointError(f"{d}: tensor {t.spec.hf_name!r} is missing from the part")
     if tuple(leaf.shape) != t.spec.shape or np.dtype(leaf.dtype) != t.dtype:
@@ -384,36 +401,14 @@ def _restore(ckptr, d: str, target: dict) -> dict:
   try:
     return ckptr.restore(d, target)
   except Exception as e:
-    raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {e})") from None
+    raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def iter_parts(ckpt: NemojaxCheckpoint) -> Iterator[list[tuple[StoredTensor, np.ndarray]]]:
-  """Yields each part's tensors as host NumPy arrays in their stored dtype, one part at a time.
-
-  Nothing of a part stays referenced here once the next is requested, so host memory holds one
-  part (plus what the consumer keeps).
-  """
-  ckptr = _orbax().StandardCheckpointer()
-  try:
-    for part in ckpt.parts:
-      yield _restore_part_numpy(ckptr, ckpt, part)
-  finally:
-    ckptr.close()
-
-
-def _restore_part_numpy(ckptr, ckpt: NemojaxCheckpoint, part: str):
-  import jax  # noqa: PLC0415
-  tensors = _part_tensors(ckpt, part)
-  # Targets without a sharding restore as NumPy arrays, on the host.
-  target = _nest((_key_path(t.spec), jax.ShapeDtypeStruct(t.spec.shape, t.dtype))
-                 for t in tensors)
-  restored = _restore(ckptr, ckpt.part_dir(part), target)
-  out = []
-  for t in tensors:
-    arr = np.asarray(_lookup(restored, _key_path(t.spec)))
-    _check_restored(ckpt, t, arr.shape, arr.dtype, t.dtype)
-    out.append((t, arr))
-  return out
+def _first_line(e: BaseException) -> str:
+  """The gist of a library error, whose message may run to dozens of lines of TensorStore spec."""
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  text = lines[0] if lines else ""
+  return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _check_restored(ckpt, t: StoredTensor, shape, dtype, want_dtype) -> None:
@@ -423,63 +418,41 @@ def _check_restored(ckpt, t: StoredTensor, shape, dtype, want_dtype) -> None:
                           f"{np.dtype(want_dtype).name}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading into the model
-# --------------------------------------------------------------------------------------------------
-def load(path: str | os.PathLike, dtype=None, *, sharding=None,
-         ssd_implementation: str | None = None):
-  """Loads a nemojax checkpoint into a `NemotronH` model, part by part.
+def iter_arrays(ckpt: NemojaxCheckpoint,
+                target: Callable[[StoredTensor], Any] | None = None
+                ) -> Iterator[tuple[StoredTensor, Any]]:
+  """Yields (tensor, array) for every tensor, restored one part at a time.
+
+  Nothing of a part stays referenced here once its arrays are handed out, so host memory holds at
+  most one part (plus what the consumer keeps).
 
   Args:
-    path: a directory written by `nemojax convert` or `nemojax.convert.save`.
-    dtype: storage dtype of matmul weights (default jnp.bfloat16); norm scales, A_log, D and
-      dt_bias are float32 regardless. Stored tensors are cast on restore.
-    sharding: optional function TensorSpec -> `jax.sharding.Sharding` (or None for the default
-      device); each array is restored straight into its sharding.
-    ssd_implementation: SSD scan choice for the Mamba layers (None = auto).
+    ckpt: a checkpoint validated by `read`.
+    target: the `jax.ShapeDtypeStruct` to restore a tensor as: its dtype (stored tensors are cast
+      on restore) and sharding (the array is restored straight into it). Default: a NumPy array
+      on the host in the stored dtype.
 
   Raises:
-    CheckpointError: the directory is not a complete, consistent nemojax checkpoint.
+    CheckpointError: a part cannot be restored or a tensor holds NaN/Inf (names the part
+      directory and the tensor). Damaged files are `read`'s to find, before orbax reads them.
   """
   import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  from nemojax.checkpoint import abstract_model, param_dtype  # noqa: PLC0415  (cycle)
-
-  dtype = jnp.bfloat16 if dtype is None else dtype
-  ckpt = read(path)
-  model = abstract_model(ckpt.config, dtype, ssd_implementation)
-  graphdef, state = nnx.split(model)
-  pure = nnx.to_pure_dict(state)
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if target is None:
+    target = lambda t: jax.ShapeDtypeStruct(t.spec.shape, t.dtype)  # noqa: E731
   ckptr = _orbax().StandardCheckpointer()
-  stacks = StackedParams(pure, lambda spec: param_dtype(spec, dtype), sharding)
   try:
     for part in ckpt.parts:
       tensors = _part_tensors(ckpt, part)
-      want = {}
+      want = {t.spec.hf_name: target(t) for t in tensors}
+      restored = _restore(ckptr, ckpt.part_dir(part),
+                          _nest((_key_path(t.spec), want[t.spec.hf_name]) for t in tensors))
       for t in tensors:
-        shard = sharding(t.spec) if sharding is not None and not is_stacked(t.spec) else None
-        # Expert slices restore to the host (no sharding) and are stacked there.
-        want[t.spec.hf_name] = jax.ShapeDtypeStruct(
-            t.spec.shape, param_dtype(t.spec, dtype),
-            sharding=None if is_stacked(t.spec) else shard or default)
-      target = _nest((_key_path(t.spec), want[t.spec.hf_name]) for t in tensors)
-      restored = _restore(ckptr, ckpt.part_dir(part), target)
-      for t in tensors:
-        arr = _lookup(restored, _key_path(t.spec))
+        arr = lookup(restored, _key_path(t.spec))
         _check_restored(ckpt, t, arr.shape, arr.dtype, want[t.spec.hf_name].dtype)
-        if is_stacked(t.spec):
-          stacks.add(t.spec, arr)
-          continue
-        node = pure
-        for key in t.spec.path[:-1]:
-          node = node[key]
-        node[t.spec.path[-1]] = arr
+        integrity.check_finite(arr, t.spec.hf_name, ckpt.part_dir(part))
+        assign(restored, _key_path(t.spec), None)  # the consumer holds the only reference
+        yield t, arr
+        del arr
       del restored
   finally:
     ckptr.close()
-  stacks.finish()
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)

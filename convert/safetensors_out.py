@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from nemojax.convert import hf
+from nemojax.convert import atomic, hf
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -120,6 +120,7 @@ class ShardWriter:
         f.truncate(layout.sizes[file])
 
   def write(self, name: str, array: np.ndarray) -> None:
+    atomic.check_interrupted()
     slot = self._layout.slots.get(name)
     if slot is None:
       raise ValueError(f"tensor {name!r} is not in the shard plan")

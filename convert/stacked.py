@@ -6,12 +6,12 @@ A spec whose path ends in an index j (`names.is_stacked`) fills slice j of the p
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from nemojax.convert.names import TensorSpec
+from nemojax.convert.names import TensorSpec, assign, lookup
 
 
 class StackedParams:
@@ -33,11 +33,8 @@ class StackedParams:
 
   def add(self, spec: TensorSpec, arr) -> None:
     path, j = spec.path[:-1], spec.path[-1]
-    node = self._pure
-    for key in path[:-1]:
-      node = node[key]
-    target = node[path[-1]]
     if path not in self._open:
+      target = lookup(self._pure, path)
       # Named as transformers names the stacked tensor in memory: backbone...experts.up_proj
       whole = TensorSpec(".".join(map(str, path)), path, tuple(target.shape), spec.float32)
       self._open[path] = (np.empty(target.shape, self._dtype_of(spec)), set(), whole)
@@ -51,7 +48,7 @@ class StackedParams:
       del self._open[path]
       import jax  # noqa: PLC0415  (convert/ imports jax only when it places arrays)
       shard = self._sharding(whole) if self._sharding is not None else None
-      node[path[-1]] = jax.device_put(buf, shard)
+      assign(self._pure, path, jax.device_put(buf, shard))
 
   def finish(self) -> None:
     """Raises if a stacked parameter is still missing slices."""

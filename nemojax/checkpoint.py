@@ -2,22 +2,23 @@
 
 The model is built abstractly (`nnx.eval_shape`), so no random weights are ever allocated, and
 tensors are read one at a time straight into their place: peak host memory is the model plus one
-tensor, never the model twice.
+tensor, never the model twice. Readers (`convert.hf`, `convert.orbax_io`) stream (spec, array)
+pairs, checked for damage and NaN/Inf; this module is the only one that assembles a model.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.config import NemotronHConfig
+from nemojax.config import CheckpointError, NemotronHConfig
 from nemojax.convert import hf
-from nemojax.convert.names import TensorSpec, is_stacked
+from nemojax.convert.names import TensorSpec, assign, is_stacked, lookup
 from nemojax.convert.stacked import StackedParams
 from nemojax.model import NemotronH
 
@@ -31,52 +32,45 @@ def abstract_model(config: NemotronHConfig, dtype=jnp.bfloat16,
                                           ssd_implementation=ssd_implementation))
 
 
-def param_dtype(spec: TensorSpec, dtype) -> np.dtype:
-  """Storage dtype of one tensor under the model's dtype policy."""
-  return np.dtype(np.float32) if spec.float32 else np.dtype(dtype)
-
-
-def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSpec, np.ndarray]],
+def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSpec, Any]],
                        *, dtype=jnp.bfloat16, sharding: ShardingFn | None = None,
                        ssd_implementation: str | None = None) -> NemotronH:
-  """Assembles a model from (spec, array) pairs, placing each on device as it arrives."""
+  """Assembles a model from (spec, array) pairs, placing each on device as it arrives.
+
+  An array may be NumPy (host; cast to the tensor's dtype, then placed with `sharding(spec)`) or
+  a `jax.Array` already placed by its reader (cast on its device if its dtype differs).
+  """
   abstract = abstract_model(config, dtype, ssd_implementation)
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
-  filled = set()
-  stacks = StackedParams(pure, lambda spec: param_dtype(spec, dtype), sharding)
+  stacks = StackedParams(pure, lambda spec: spec.storage_dtype(dtype), sharding)
   for spec, arr in tensors:
-    if is_stacked(spec):
+    if is_stacked(spec):  # one expert's slice of a stacked MoE parameter
       stacks.add(spec, arr)
       del arr
       continue
-    node = pure
-    for key in spec.path[:-1]:
-      node = node[key]
-    target = node[spec.path[-1]]
+    target = lookup(pure, spec.path)
     if tuple(arr.shape) != tuple(target.shape):
       raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(arr.shape)}, "
                        f"the model expects {tuple(target.shape)}")
-    host = np.asarray(arr).astype(param_dtype(spec, dtype), copy=False)
-    shard = sharding(spec) if sharding is not None else None
-    node[spec.path[-1]] = jax.device_put(host, shard) if shard is not None else jnp.asarray(host)
-    filled.add(spec.path)
-    del host, arr
+    want = spec.storage_dtype(dtype)
+    if isinstance(arr, jax.Array):
+      placed = arr if arr.dtype == want else arr.astype(want)
+    else:
+      host = np.asarray(arr).astype(want, copy=False)
+      shard = sharding(spec) if sharding is not None else None
+      placed = jax.device_put(host, shard) if shard is not None else jnp.asarray(host)
+      del host
+    assign(pure, spec.path, placed)
+    del arr, placed
   stacks.finish()
-  missing = [p for p, leaf in _flatten(pure) if isinstance(leaf, jax.ShapeDtypeStruct)]
+  missing = [".".join(str(getattr(k, "key", k)) for k in p)
+             for p, leaf in jax.tree.leaves_with_path(pure)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
   if missing:
-    raise ValueError("model parameters left unfilled: "
-                     + ", ".join(".".join(map(str, p)) for p in missing[:5]))
+    raise ValueError("model parameters left unfilled: " + ", ".join(missing[:5]))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
-
-
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
 
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, sharding: ShardingFn | None = None,
@@ -88,8 +82,31 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, sharding: ShardingFn
                             ssd_implementation=ssd_implementation)
 
 
+def load_nemojax(path: str | os.PathLike, *, dtype=jnp.bfloat16,
+                 sharding: ShardingFn | None = None, ssd_implementation: str | None = None,
+                 verify: bool = True) -> NemotronH:
+  """Loads a nemojax checkpoint directory, each array restored straight into its sharding.
+
+  Every file's size is checked against the manifest; with `verify`, its SHA-256 too.
+  """
+  from nemojax.convert import orbax_io  # noqa: PLC0415  (orbax: a slow import, only when used)
+  ckpt = orbax_io.read(path, verify=verify)
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def target(t) -> jax.ShapeDtypeStruct:
+    if is_stacked(t.spec):  # expert slices restore to the host and are stacked there
+      return jax.ShapeDtypeStruct(t.spec.shape, t.spec.storage_dtype(dtype))
+    shard = sharding(t.spec) if sharding is not None else None
+    return jax.ShapeDtypeStruct(t.spec.shape, t.spec.storage_dtype(dtype),
+                                sharding=shard or default)
+
+  tensors = ((t.spec, arr) for t, arr in orbax_io.iter_arrays(ckpt, target))
+  return model_from_tensors(ckpt.config, tensors, dtype=dtype,
+                            ssd_implementation=ssd_implementation)
+
+
 def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | None = None,
-         ssd_implementation: str | None = None) -> NemotronH:
+         ssd_implementation: str | None = None, verify: bool = True) -> NemotronH:
   """Loads a Nemotron-H model.
 
   Args:
@@ -99,17 +116,25 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | 
     sharding: optional function from a tensor's spec to the `jax.sharding.Sharding` to place it
       with (default: the default device).
     ssd_implementation: SSD scan choice for the Mamba layers (None = auto).
+    verify: for a nemojax directory, check every file's SHA-256 against the one recorded when it
+      was written (sizes are always checked); False skips the hashing. HF directories carry no
+      hashes (their headers and sizes are checked).
+
+  Raises:
+    CheckpointError: a missing, truncated or damaged file, a tensor the config does not expect or
+      of the wrong shape, or a tensor holding NaN/Inf; the one-line message names the file or
+      tensor.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such model directory")
   from nemojax.convert import orbax_io  # noqa: PLC0415  (optional format, imported on use)
-  if orbax_io.is_nemojax_checkpoint(path):
-    return orbax_io.load(path, dtype=dtype, sharding=sharding,
-                         ssd_implementation=ssd_implementation)
+  if orbax_io.is_nemojax_checkpoint(path, damaged=not hf.is_hf_checkpoint(path)):
+    return load_nemojax(path, dtype=dtype, sharding=sharding,
+                        ssd_implementation=ssd_implementation, verify=verify)
   if hf.is_hf_checkpoint(path):
     return load_hf(path, dtype=dtype, sharding=sharding, ssd_implementation=ssd_implementation)
-  raise hf.CheckpointError(
+  raise CheckpointError(
       f"{path}: not a model directory (expected config.json with model.safetensors or "
       f"{hf.INDEX_FILE}, or a directory written by `nemojax convert`)")
 

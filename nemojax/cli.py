@@ -1,4 +1,4 @@
-"""The `nemojax` command: `convert`, `export`, `generate`, `chat`.
+"""The `nemojax` command: `convert`, `export`, `verify`, `generate`, `chat`.
 
 Each subcommand lives with its code and registers itself here through a `register(subparsers)`
 function, so this file stays a table of contents.
@@ -14,15 +14,33 @@ import sys
 _SUBCOMMANDS = {
     "convert": "nemojax.convert.cli",
     "export": "nemojax.convert.cli",
+    "verify": "nemojax.convert.cli",
     "generate": "nemojax.generate_cli",
     "chat": "nemojax.generate_cli",
 }
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with user errors as one line and exit status 1 (subcommand parsers inherit it)."""
+
+  def error(self, message: str):
+    self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+  try:
+    from importlib.metadata import version  # noqa: PLC0415
+    return version("nemojax")
+  except Exception:  # noqa: BLE001  (not installed as a distribution: the source tree's version)
+    import nemojax  # noqa: PLC0415
+    return nemojax.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="nemojax",
       description="Nemotron-H language models in JAX: convert checkpoints, generate, chat.")
+  parser.add_argument("--version", action="version", version=f"nemojax {_version()}")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
   registered = set()
   for module_name in dict.fromkeys(_SUBCOMMANDS.values()):

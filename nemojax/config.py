@@ -71,6 +71,30 @@ class ConfigError(ValueError):
   """A config that does not describe a valid Nemotron-H model."""
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that is damaged, incomplete, or does not match its config (the message names
+  the file or tensor). Defined here, beside ConfigError, so that both the converters (which may
+  import only the config) and the loader raise the same type."""
+
+
+# The dtype policy, written once: these parameters stay float32 whatever the model's dtype, since
+# the SSM's decay and skip terms and the norm scales are precision-sensitive (mamba_ssm and vLLM
+# do the same). Checked against the last component of a parameter's name (`A_log`) or, for the
+# norm scales, the module holding the `weight` (`norm`, `norm_f`).
+# The router of an MoE layer (`gate`) stays float32 too, so the choice of experts does not depend
+# on the model's dtype.
+FLOAT32_PARAMS = frozenset({"A_log", "D", "dt_bias", "e_score_correction_bias"})
+FLOAT32_MODULES = frozenset({"norm", "norm_f", "gate"})
+
+
+def keeps_float32(name: str) -> bool:
+  """Whether parameter `name` (an HF name like "backbone.layers.0.mixer.A_log", or its tail) is
+  kept in float32 regardless of the model's dtype."""
+  parts = name.split(".")
+  return parts[-1] in FLOAT32_PARAMS or (
+      len(parts) > 1 and parts[-1] == "weight" and parts[-2] in FLOAT32_MODULES)
+
+
 def _json_float(x, source: str) -> float:
   """Floats as HF writes them: numbers, "inf"/"Infinity" strings, or {"__float__": "Infinity"}."""
   if isinstance(x, dict) and "__float__" in x:

@@ -16,6 +16,7 @@ import numpy as np
 
 from nemojax import sampling
 from nemojax.model import NemotronH
+from nemojax.engine import DEFAULT_BUDGET_GRACE, ThinkingBudget
 from nemojax.sampler import RowResult, Sampler, ThinkingControl
 from nemojax.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
 
@@ -29,7 +30,8 @@ class Generation:
 
   Attributes:
     text: everything generated, decoded (the stop token or stop string excluded).
-    tokens: generated token ids (a stop token included, as it was generated).
+    tokens: generated token ids (a stop token included, as it was generated; with a stop
+      string, through the token that completed it).
     reasoning: the thought before `</think>` (None when reasoning was off).
     answer: the text after `</think>` (all of `text` when reasoning was off).
     num_reasoning_tokens: tokens generated inside the thought (`</think>` and forced text
@@ -65,7 +67,7 @@ def _normalize_prompts(prompts) -> list:
   if isinstance(prompts, (list, tuple)) and prompts:
     return list(prompts)
   raise ValueError("prompts must be a string, a chat (list of message dicts), a list of token "
-                   f"ids, or a non-empty list of those; got {type(prompts).__name__}")
+                   f"ids, or a non-empty list of those; got {prompts!r:.60}")
 
 
 def _per_row(value, n: int, name: str) -> list:
@@ -76,8 +78,8 @@ def _per_row(value, n: int, name: str) -> list:
   return [value] * n
 
 
-def _split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
-  if not thinking:
+def _split_reasoning(text: str, reasoning_open: bool) -> tuple[str | None, str]:
+  if not reasoning_open:
     return None, text.strip()
   i = text.find(THINK_CLOSE)
   if i < 0:
@@ -85,35 +87,117 @@ def _split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
   return text[:i].strip(), text[i + len(THINK_CLOSE):].strip()
 
 
-def _encode_prompts(prompts, tokenizer, thinking, budgets):
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_messages(i: int, messages: Sequence[Mapping]) -> None:
+  for j, m in enumerate(messages):
+    if m.get("role") not in ROLES:
+      raise ValueError(f"prompts[{i}][{j}]: role must be one of {', '.join(ROLES)}, "
+                       f"got {m.get('role')!r:.40}")
+    if not isinstance(m.get("content"), str):
+      raise ValueError(f"prompts[{i}][{j}]: content must be a string, got "
+                       f"{type(m.get('content')).__name__}")
+
+
+def _encode_prompts(prompts, tokenizer, thinking, budgets, vocab_size: int):
   """(ids, reasoning-open flags) per row."""
   ids, opens = [], []
   for i, (p, think, budget) in enumerate(zip(prompts, thinking, budgets)):
     if isinstance(p, str) or _is_messages(p):
       if tokenizer is None:
-        raise ValueError(f"prompt {i} is text: pass tokenizer= to render and encode it")
+        raise ValueError(f"prompts[{i}] is text: pass tokenizer= to render and encode it")
       messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+      _check_messages(i, messages)
       if budget == 0:
         think = False  # a zero budget is reasoning off: nothing to close
       opens.append(tokenizer.reasoning_enabled(messages, think))
       ids.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                thinking=think, tokenize=True))
-    elif _is_ids(p):
+    elif _is_ids(p) and len(p) > 0:
       row = [int(t) for t in p]
+      if min(row) < 0 or max(row) >= vocab_size:
+        raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size}): "
+                         f"min {min(row)}, max {max(row)}")
       tail = tokenizer.decode(row[-8:]) if tokenizer is not None else ""
       opens.append(tail.rstrip().endswith(THINK_OPEN))
       ids.append(row)
     else:
-      raise ValueError(f"prompt {i} is neither a string, a chat nor token ids: {p!r:.80}")
+      raise ValueError(f"prompts[{i}] must be a non-empty string, chat or list of token ids, "
+                       f"got {p!r:.80}")
   return ids, opens
+
+
+def _sampling_rules(opens, temperature, top_p, top_k) -> list[sampling.SamplingParams]:
+  """Per row: NVIDIA's defaults for reasoning on / off, overridden by explicit arguments."""
+  rules = []
+  for open_ in opens:
+    base = REASONING_DEFAULTS if open_ else ANSWER_DEFAULTS
+    rules.append(sampling.SamplingParams(
+        temperature=base.temperature if temperature is None else temperature,
+        top_k=base.top_k if top_k is None else top_k,
+        top_p=base.top_p if top_p is None else top_p))
+  return rules
+
+
+def _stop_strings(stop) -> list[str]:
+  stops = [stop] if isinstance(stop, str) else stop
+  if stops is None:
+    return []
+  if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or not s for s in stops):
+    raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r:.80}")
+  return list(stops)
+
+
+def _stop_token_ids(stop_tokens, tokenizer, model) -> list[int]:
+  if stop_tokens is None:
+    return sorted(set(tokenizer.eos_ids if tokenizer is not None else model.config.eos_token_ids))
+  vocab = model.config.vocab_size
+  if (not isinstance(stop_tokens, (list, tuple, np.ndarray))
+      or any(not _is_int(t) or not 0 <= t < vocab for t in stop_tokens)):
+    raise ValueError(f"stop_tokens must be a list of token ids in [0, {vocab}), "
+                     f"got {stop_tokens!r:.80}")
+  return sorted(set(int(t) for t in stop_tokens))
+
+
+def _thinking_control(tokenizer, model, opens, budget: ThinkingBudget) -> ThinkingControl | None:
+  """The `</think>` data when any row reasons (it also counts reasoning tokens without a budget)."""
+  if tokenizer is None:
+    if budget.needs_control(opens):
+      raise ValueError("thinking_budget needs tokenizer= (to know the </think> tokens)")
+    return None
+  if not any(opens):
+    return None
+  return ThinkingControl(
+      close_marker=tuple(tokenizer.think_tokens().close),
+      close_text=tuple(tokenizer.budget_close_ids()),
+      newline_mask=(tokenizer.newline_token_mask(model.config.vocab_size)
+                    if budget.policy == "newline" else None))
+
+
+def _check_types(model, tokenizer, sampler, stream) -> None:
+  if not isinstance(model, NemotronH):
+    raise ValueError(f"model must be a nemojax.NemotronH, got {type(model).__name__}")
+  if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+    raise ValueError(f"tokenizer must be a nemojax.Tokenizer or None, got "
+                     f"{type(tokenizer).__name__}")
+  if sampler is not None and (not isinstance(sampler, Sampler) or sampler.model is not model):
+    raise ValueError("sampler must be None or a nemojax.Sampler built for this model")
+  if stream is not None and not callable(stream):
+    raise ValueError(f"stream must be a function (row, text_delta) or None, got {stream!r:.40}")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
              max_new_tokens: int = 256, temperature: float | None = None,
-             top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+             top_p: float | None = None, top_k: int | None = None,
+             seed: int | Sequence[int] = 0,
              thinking: bool | None | Sequence[bool | None] = None,
              thinking_budget: int | None | Sequence[int | None] = None,
-             budget_policy: str = "hard", budget_grace: int = 500,
+             budget_policy: str = "hard", budget_grace: int = DEFAULT_BUDGET_GRACE,
              stop: str | Sequence[str] | None = None,
              stop_tokens: Sequence[int] | None = None,
              stream: Callable[[int, str], Any] | None = None,
@@ -128,13 +212,16 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
     max_new_tokens: bound on generated tokens per row (reasoning, forced text and answer).
     temperature, top_p, top_k: sampling; None takes NVIDIA's defaults per row (0.6 / 0.95 with
       reasoning on, greedy with it off).
-    seed: random seed; the same seed gives the same tokens.
+    seed: an int, or one int per prompt; a row's samples depend only on its own seed and prompt
+      (not on its position in the batch): pass different seeds for different samples of one
+      prompt.
     thinking: True / False switches reasoning on / off (inserting /think or /no_think); None
       leaves it to the messages (on unless they say /no_think). One value or one per prompt.
     thinking_budget: max reasoning tokens (None = unlimited; 0 = reasoning off). One or per row.
     budget_policy: "hard" closes the thought at the budget; "newline" waits for the end of the
       line, at most `budget_grace` tokens longer.
-    stop: stop strings (the text is cut before them).
+    stop: stop strings (the text is cut before them; `tokens` and `num_reasoning_tokens` end
+      with the token that completed the stop string).
     stop_tokens: stop token ids (default: the tokenizer's end-of-turn and end-of-text ids).
     stream: `fn(row, text_delta)` called as text is produced; the deltas of a row concatenate
       to its final `text`.
@@ -142,66 +229,49 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
     sampler: reuse a configured `Sampler` instead.
   Returns:
     One `Generation` per prompt, in order.
+  Raises:
+    ValueError / TypeError: a bad argument (the message names it), or a request whose cache
+      would not fit in device memory; raised before anything is compiled.
   """
+  _check_types(model, tokenizer, sampler, stream)
   rows = _normalize_prompts(prompts)
   n = len(rows)
   think_flags = _per_row(thinking, n, "thinking")
-  budgets = _per_row(thinking_budget, n, "thinking_budget")
-  for i, b in enumerate(budgets):
-    if b is not None and (not isinstance(b, (int, np.integer)) or b < 0):
-      raise ValueError(f"thinking_budget for prompt {i} must be None or an integer >= 0, got {b!r}")
-  ids, opens = _encode_prompts(rows, tokenizer, think_flags, budgets)
-
-  rules = []
-  for open_ in opens:
-    base = REASONING_DEFAULTS if open_ else ANSWER_DEFAULTS
-    rules.append(sampling.SamplingParams(
-        temperature=base.temperature if temperature is None else temperature,
-        top_k=base.top_k if top_k is None else top_k,
-        top_p=base.top_p if top_p is None else top_p))
-
-  stops = [stop] if isinstance(stop, str) else list(stop or [])
-  if any(not isinstance(s, str) or not s for s in stops):
-    raise ValueError(f"stop must be non-empty strings, got {stop!r}")
-  if stop_tokens is None:
-    stop_tokens = tokenizer.eos_ids if tokenizer is not None else model.config.eos_token_ids
-  control = None
-  if tokenizer is not None and any(opens):  # also counts reasoning tokens without a budget
-    control = ThinkingControl(
-        close_marker=tuple(tokenizer.think_tokens().close),
-        close_text=tuple(tokenizer.budget_close_ids()),
-        newline_mask=(tokenizer.newline_token_mask(model.config.vocab_size)
-                      if budget_policy == "newline" else None))
-  elif any(o and b is not None for o, b in zip(opens, budgets)):
-    raise ValueError("a thinking budget needs tokenizer= (to know the </think> tokens)")
+  for f in think_flags:
+    if f is not None and not isinstance(f, (bool, np.bool_)):
+      raise ValueError(f"thinking must be True, False or None (or one per prompt), got {f!r:.40}")
+  budget = ThinkingBudget.per_row(thinking_budget, n, budget_policy, budget_grace)
+  ids, opens = _encode_prompts(rows, tokenizer, think_flags, budget.tokens,
+                               model.config.vocab_size)
+  rules = _sampling_rules(opens, temperature, top_p, top_k)
+  stops = _stop_strings(stop)
+  stop_ids = _stop_token_ids(stop_tokens, tokenizer, model)
+  control = _thinking_control(tokenizer, model, opens, budget)
 
   sampler = sampler or Sampler(model, cache_size=cache_size, prefill_chunk=prefill_chunk)
-  stop_set = set(int(t) for t in stop_tokens)
-  texts = _TextTracker(tokenizer, n, stop_set, stops, stream) if tokenizer is not None else None
+  texts = (_TextTracker(tokenizer, n, set(stop_ids), stops, stream) if tokenizer is not None
+           else None)
   results: list[RowResult] | None = None
   for new, results in sampler.stream(
       ids, max_new_tokens=max_new_tokens, sampling_params=rules, seed=seed,
-      stop_tokens=sorted(stop_set), thinking=opens, thinking_budget=budgets,
-      budget_policy=budget_policy, budget_grace=budget_grace, thinking_control=control,
-      segment=16 if (stream is not None or stops) else None,
+      stop_tokens=stop_ids, reasoning_open=opens, thinking_budget=budget,
+      thinking_control=control, segment=16 if (stream is not None or stops) else None,
       should_stop=texts.hit_stop_string if (texts is not None and stops) else None):
     if texts is not None:
       texts.update(new, final=results is not None)
+  return [_generation(r, texts, i, opens[i]) for i, r in enumerate(results)]
 
-  out = []
-  for i, r in enumerate(results):
-    if texts is None:
-      out.append(Generation(text="", tokens=r.tokens, reasoning=None, answer="",
-                            num_reasoning_tokens=r.num_reasoning_tokens,
-                            finish_reason=r.finish_reason))
-      continue
-    text = texts.final_text(i)
-    reasoning, answer = _split_reasoning(text, opens[i])
-    out.append(Generation(
-        text=text, tokens=r.tokens, reasoning=reasoning, answer=answer,
-        num_reasoning_tokens=r.num_reasoning_tokens,
-        finish_reason="stop" if texts.stopped[i] else r.finish_reason))
-  return out
+
+def _generation(r: RowResult, texts: _TextTracker | None, i: int, reasoning_open: bool):
+  if texts is None:
+    return Generation(text="", tokens=r.tokens, reasoning=None, answer="",
+                      num_reasoning_tokens=r.num_reasoning_tokens, finish_reason=r.finish_reason)
+  if texts.stopped[i]:  # a stop string: the row ends with the token that completed it
+    r = r.cut(texts.stop_token_count[i])
+  text = texts.final_text(i)
+  reasoning, answer = _split_reasoning(text, reasoning_open)
+  return Generation(text=text, tokens=r.tokens, reasoning=reasoning, answer=answer,
+                    num_reasoning_tokens=r.num_reasoning_tokens, finish_reason=r.finish_reason)
 
 
 class _TextTracker:
@@ -215,6 +285,8 @@ class _TextTracker:
     self.seen = [0] * n  # tokens fed to the text so far
     self.cum = [0] * n  # tokens the sampler has reported through `update`
     self.stopped = [False] * n
+    self.fed = [0] * n  # tokens turned into text (or ending it)
+    self.stop_token_count = [0] * n  # tokens up to the one that completed a stop string
     self.ended = [False] * n  # a stop token was generated: nothing after it is text
     self.stop_tokens = stop_tokens
     self.stops = stops
@@ -225,6 +297,7 @@ class _TextTracker:
     for t in tokens:
       if self.ended[i] or self.stopped[i]:
         return
+      self.fed[i] += 1
       if t in self.stop_tokens:
         self.ended[i] = True
         return
@@ -236,6 +309,7 @@ class _TextTracker:
     if hits:
       self.text[i] = self.text[i][:min(hits)]
       self.stopped[i] = True
+      self.stop_token_count[i] = self.fed[i]
 
   def hit_stop_string(self, row: int, tokens: list[int]) -> bool:
     """The sampler's between-segments check: feeds the row's newest tokens, reports a hit."""

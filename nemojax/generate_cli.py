@@ -11,6 +11,7 @@ import os
 import sys
 from typing import TextIO
 
+from nemojax.engine import DEFAULT_BUDGET_GRACE
 from nemojax.tokenizer import THINK_CLOSE
 
 _THINK_HEADER = "[thinking]"
@@ -41,8 +42,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
                  help="at most N reasoning tokens, then the thought is closed (0 = reasoning off)")
   p.add_argument("--budget-policy", choices=["hard", "newline"], default="hard",
                  help="close at the budget (hard) or at the end of the line (newline)")
-  p.add_argument("--budget-grace", type=int, default=500, metavar="N",
-                 help="with --budget-policy newline: at most N tokens past the budget")
+  p.add_argument("--budget-grace", type=int, default=DEFAULT_BUDGET_GRACE, metavar="N",
+                 help="with --budget-policy newline: at most N tokens past the budget "
+                      f"(default: {DEFAULT_BUDGET_GRACE})")
   p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                  help="stop string (repeatable)")
   p.add_argument("--system", default=None, help="system message")
@@ -66,9 +68,9 @@ def register(subparsers) -> None:
   g.set_defaults(func=run_generate)
   c = subparsers.add_parser(
       "chat", help="interactive multi-turn chat",
-      description="Chat with a Nemotron-H model. Type /think or /no_think in a message to switch "
-                  "reasoning for that turn; /reset clears the history; /exit or end of input "
-                  "quits.")
+      description="Chat with a Nemotron-H model. /think or /no_think inside a message switches "
+                  "reasoning for that turn; alone on a line, for the turns that follow; /reset "
+                  "clears the history; /exit or end of input quits.")
   _add_generation_flags(c)
   c.set_defaults(func=run_chat)
 
@@ -79,8 +81,7 @@ def _load(args, err: TextIO):
   import jax.numpy as jnp  # noqa: PLC0415
 
   import nemojax  # noqa: PLC0415
-  from nemojax.config import ConfigError  # noqa: PLC0415
-  from nemojax.convert.hf import CheckpointError  # noqa: PLC0415
+  from nemojax.config import CheckpointError, ConfigError  # noqa: PLC0415
   path = args.model
   if path is None:
     from nemojax.demo import demo_model_path  # noqa: PLC0415
@@ -119,12 +120,14 @@ class _Printer:
     self.text = ""
     self.done = 0  # characters of `text` already handled
     self.answer_started = False
-    if reasoning_open and show_reasoning:
-      self._write(_THINK_HEADER + "\n")
-    elif not reasoning_open and show_reasoning:
-      self._write(_ANSWER_HEADER + "\n")
+    # Written with the first output, so that an error before any output prints no header.
+    self.header = None if not show_reasoning else (
+        _THINK_HEADER if reasoning_open else _ANSWER_HEADER) + "\n"
 
   def _write(self, s: str) -> None:
+    if self.header is not None:
+      self.out.write(self.header)
+      self.header = None
     self.out.write(s)
     self.out.flush()
 
@@ -204,8 +207,8 @@ def run_chat(args, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
   model, tok = _load(args, err)
   history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
   interactive = inp.isatty()
-  print("Chat: /think or /no_think in a message switches reasoning; /reset clears the history; "
-        "/exit quits.", file=err)
+  print("Chat: /think or /no_think in a message switches reasoning for that turn, alone on a "
+        "line for the next turns; /reset clears the history; /exit quits.", file=err)
   while True:
     if interactive:
       err.write("you> ")
@@ -222,10 +225,14 @@ def run_chat(args, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
       history = history[:1] if args.system else []
       print("(history cleared)", file=err)
       continue
+    if line in ("/think", "/no_think"):  # a switch, not a message: it holds for later turns
+      args.thinking = line == "/think"
+      print(f"(reasoning {'on' if args.thinking else 'off'} for the next turns)", file=err)
+      continue
     history.append({"role": "user", "content": line})
-    out.write("assistant> ")
     printer = _Printer(out, tok.reasoning_enabled(history, args.thinking)
                        and args.thinking_budget != 0, args.show_reasoning)
+    printer.header = "assistant> " + (printer.header or "")
     try:
       gen = nemojax.generate(model, [history], tokenizer=tok, stream=printer,
                              **_gen_kwargs(args))[0]

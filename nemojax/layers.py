@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 f32 = jnp.float32
@@ -77,8 +78,8 @@ class GatedRMSNorm(nnx.Module):
 
   def __call__(self, y: jax.Array, z: jax.Array, out_dtype) -> jax.Array:
     g = y.astype(f32) * jax.nn.silu(z.astype(f32))
-    shape = g.shape
-    g = rms_normalize(g.reshape(shape[:-1] + (self.n_groups, -1)), self.eps).reshape(shape)
+    g = rearrange(g, "... (g c) -> ... g c", g=self.n_groups)  # c: channels per group
+    g = rearrange(rms_normalize(g, self.eps), "... g c -> ... (g c)")
     return (g * self.weight[...]).astype(out_dtype)
 
 

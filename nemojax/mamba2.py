@@ -21,10 +21,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from nemojax.cache import MambaState
-from nemojax.config import NemotronHConfig
+from nemojax.config import NemotronHConfig, keeps_float32
 from nemojax.kernels.ssd import api as ssd_api
 from nemojax.layers import GatedRMSNorm, Linear, scaled_out_std
 
@@ -87,9 +88,12 @@ class Mamba2Mixer(nnx.Module):
                  * (math.log(c.time_step_max) - math.log(c.time_step_min))
                  + math.log(c.time_step_min))
     dt = jnp.maximum(dt, c.time_step_floor)
-    self.dt_bias = nnx.Param(_inverse_softplus(dt))
-    self.A_log = nnx.Param(jnp.log(jnp.arange(1, c.mamba_num_heads + 1, dtype=f32)))
-    self.D = nnx.Param(jnp.ones((c.mamba_num_heads,), f32))
+    # Storage dtypes from the one policy (config.keeps_float32): these three stay float32.
+    keep = lambda name: f32 if keeps_float32(name) else dtype  # noqa: E731
+    self.dt_bias = nnx.Param(_inverse_softplus(dt).astype(keep("dt_bias")))
+    self.A_log = nnx.Param(jnp.log(jnp.arange(1, c.mamba_num_heads + 1, dtype=f32))
+                           .astype(keep("A_log")))
+    self.D = nnx.Param(jnp.ones((c.mamba_num_heads,), keep("D")))
     self.norm = GatedRMSNorm(c.d_inner, c.n_groups, c.layer_norm_epsilon)
     self.out_proj = Linear(c.d_inner, c.hidden_size, dtype=dtype, rngs=rngs,
                            init_std=scaled_out_std(c.initializer_range, c.num_hidden_layers))
@@ -106,7 +110,7 @@ class Mamba2Mixer(nnx.Module):
     """u [b, t, D]; state: the decode state to continue from (None: start fresh, return None);
     valid [b, t] bool: False at left-pad positions. Returns (out [b, t, D], new state)."""
     b, t, _ = u.shape
-    h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
+    h, g, n = self.num_heads, self.n_groups, self.state_size
     dtype = u.dtype
     zxbcdt = self.in_proj(u, out_dtype=f32)  # [b, t, I + conv_dim + h]
     z = zxbcdt[..., :self.d_inner]
@@ -124,9 +128,9 @@ class Mamba2Mixer(nnx.Module):
       xbc = jnp.where(valid[..., None], xbc, jnp.zeros((), dtype))
       dt = jnp.where(valid[..., None], dt, 0.0)
 
-    x = xbc[..., :self.d_inner].reshape(b, t, h, p)
-    B = xbc[..., self.d_inner:self.d_inner + g * n].reshape(b, t, g, n)
-    C = xbc[..., self.d_inner + g * n:].reshape(b, t, g, n)
+    x = rearrange(xbc[..., :self.d_inner], "b t (h p) -> b t h p", h=h)
+    B = rearrange(xbc[..., self.d_inner:self.d_inner + g * n], "b t (g n) -> b t g n", g=g)
+    C = rearrange(xbc[..., self.d_inner + g * n:], "b t (g n) -> b t g n", g=g)
     A = -jnp.exp(self.A_log[...].astype(f32))
     D = self.D[...].astype(f32)
 
@@ -138,7 +142,7 @@ class Mamba2Mixer(nnx.Module):
       y, ssm = ssd_api.ssd(x, dt, A, B, C, D,
                            initial_state=None if state is None else state.ssm,
                            chunk_size=self.chunk_size, implementation=self.ssd_implementation)
-    y = self.norm(y.reshape(b, t, self.d_inner), z, out_dtype=dtype)
+    y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z, out_dtype=dtype)
     out = self.out_proj(y)
     new_state = None if state is None else MambaState(conv=new_history.astype(state.conv.dtype),
                                                       ssm=ssm)

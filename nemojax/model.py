@@ -14,12 +14,11 @@ Calling conventions (functional cache, DESIGN point 6):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemojax import jit
 from nemojax.attention import Attention
 from nemojax.cache import Cache, init_cache
 from nemojax.config import LayerType, NemotronHConfig
@@ -132,8 +131,8 @@ class NemotronH(nnx.Module):
     Compiled as one program (inlined when already inside a jit or other transform), so that
     calling the model eagerly does not compile hundreds of small ops one at a time.
     """
-    graphdef, state = nnx.split(self)
-    return _forward(graphdef, state, jnp.asarray(input_ids), cache, start)
+    graph, state = jit.split(self)
+    return _forward(graph, state, jnp.asarray(input_ids), cache, start)
 
   def init_cache(self, batch_size: int, max_len: int) -> Cache:
     """An empty decode state for `batch_size` rows and `max_len` cache positions."""
@@ -153,15 +152,17 @@ class NemotronH(nnx.Module):
         block.mixer.ssd_implementation = implementation
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, input_ids, cache, start):
+def _forward_fn(graph: jit.Graph, state, input_ids, cache, start):
   # Pure function of the split model: no state flows back, so it composes with any outer
   # transform (jax.jit closing over the model, nnx.grad, ...).
-  model = nnx.merge(graphdef, state)
+  model = graph.merge(state)
   if cache is None:
     return model.logits(model.hidden_states(input_ids, start=start))
   h, cache = model.hidden_states(input_ids, cache=cache)
   return model.logits(h), cache
+
+
+_forward = jit.jit(_forward_fn)
 
 
 def count_params(model_or_state) -> int:

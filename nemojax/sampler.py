@@ -1,5 +1,4 @@
-"""Prefill and a jitted decode loop: batches of mixed prompt lengths, stop tokens, streaming,
-sampling rules and per-row thinking budgets.
+"""`Sampler`: batches of token-id prompts through the engine, with streaming and stop checks.
 
 Layout of a batch. Prompts are left-padded to a common length `P + 1`, where P (the prefill
 length) is rounded up to a bucket: a power of two up to the prefill chunk, then a multiple of it.
@@ -7,18 +6,10 @@ The first P columns are prefilled chunk by chunk (one compiled shape per bucket)
 holds every row's final prompt token, which the first decode step feeds. The cache has a fixed
 size, so a new prompt length that falls in a compiled bucket reuses the compiled functions.
 
-The decode loop is one `lax.while_loop` over a donated state. It runs in segments: the host gets
-control back after `segment` steps to stream new tokens and check stop strings; without either,
-a single segment runs to the end. The loop body has no data-dependent control flow (on GPUs each
-`lax.cond` or inner loop makes the host wait for the device): the sampling mode (greedy, sampling,
-sampling with top-k/top-p) is fixed per call from the rules, and attention reads the cache
-without a loop.
-
-Thinking budget (SPEC §5). A row that starts inside `<think>` counts its reasoning tokens; once
-`budget` are spent without `</think>`, the closing text (".\n</think>\n\n" tokenised) is
-force-fed — at once under the "hard" policy, or after the next token that ends a line under
-"newline" (at most `grace` tokens later) — and the answer is sampled after it. A model that writes
-`</think>` itself ends its thought as usual. `max_new_tokens` bounds everything.
+A call runs in four stages: the request (validated, padded, its memory estimated before anything
+is compiled), the loop config (knobs as arrays), prefill, and decode segments. The host gets
+control back after each segment to stream new tokens and check stop strings; without either, a
+single segment runs to the end. See `engine.py` for the loop itself and the thinking budget.
 """
 
 from __future__ import annotations
@@ -29,162 +20,82 @@ from typing import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
 
-from nemojax import sampling
-from nemojax.cache import Cache
+from nemojax import engine, jit, memory, sampling
+from nemojax.engine import DEFAULT_BUDGET_GRACE, FINISH_REASONS, ThinkingBudget, ThinkingControl
 from nemojax.model import NemotronH
 
-FINISH_REASONS = {0: None, 1: "stop", 2: "length"}
-
-
-@struct.dataclass
-class LoopState:
-  cache: Cache
-  last: jax.Array  # [b] token fed at the next step
-  tokens: jax.Array  # [b, n] generated tokens
-  count: jax.Array  # [b] tokens generated so far
-  done: jax.Array  # [b] bool
-  reason: jax.Array  # [b] 0 running, 1 stop token, 2 length
-  step: jax.Array  # [] steps taken
-  thinking: jax.Array  # [b] bool: inside an open thought
-  think_count: jax.Array  # [b] reasoning tokens so far
-  forcing: jax.Array  # [b] position in the forced closing text, -1 when not forcing
-  recent: jax.Array  # [b, m] last m tokens, to spot a `</think>` the model writes itself
-
-
-@struct.dataclass
-class LoopConfig:
-  """Per-call knobs, all arrays (changing their values never recompiles)."""
-
-  max_new: jax.Array  # [b]
-  temperature: jax.Array  # [b]
-  top_k: jax.Array  # [b]
-  top_p: jax.Array  # [b]
-  key: jax.Array
-  stop_ids: jax.Array  # [s] (-1 = unused slot)
-  budget: jax.Array  # [b] (-1 = unlimited)
-  grace: jax.Array  # [b] (-1 = "hard" policy; >= 0: "newline" policy with that grace)
-  newline: jax.Array  # [v] bool: token ends a line
-  close_text: jax.Array  # [c] forced closing text
-  close_marker: jax.Array  # [m] the `</think>` ids
-
-
-@dataclasses.dataclass(frozen=True)
-class ThinkingControl:
-  """Token-level data for the thinking budget (from `Tokenizer.think_tokens()` and friends)."""
-
-  close_marker: tuple[int, ...]  # ids of `</think>`
-  close_text: tuple[int, ...]  # ids of ".\n</think>\n\n", force-fed when the budget runs out
-  newline_mask: np.ndarray | None = None  # [vocab] bool, needed by the "newline" policy
+__all__ = ["RowResult", "Sampler", "ThinkingBudget", "ThinkingControl"]
 
 
 @dataclasses.dataclass
 class RowResult:
-  tokens: list[int]
-  finish_reason: str | None  # "stop" or "length"
-  num_reasoning_tokens: int
-  stop_string: str | None = None
+  """One row's tokens.
 
-
-def _decode_segment(graphdef, params, state: LoopState, cfg: LoopConfig, seg_end,
-                    mode: str = "auto") -> LoopState:
-  model = nnx.merge(graphdef, params)
-  b, n = state.tokens.shape
-  rows = jnp.arange(b)
-  c = cfg.close_text.shape[0]
-
-  def body(st: LoopState) -> LoopState:
-    logits, cache = model(st.last[:, None], cache=st.cache)
-    sampled = sampling.sample(logits[:, 0], cfg.key, st.step, cfg.temperature, cfg.top_k,
-                              cfg.top_p, mode=mode)
-    # Does the budget close the thought before this token?
-    over = (st.thinking & (st.forcing < 0) & (cfg.budget >= 0)
-            & (st.think_count >= cfg.budget))
-    hard = cfg.grace < 0
-    line_ended = cfg.newline[st.last] | (st.think_count >= cfg.budget + cfg.grace)
-    forcing = jnp.where(over & (hard | line_ended), 0, st.forcing)
-    forced = forcing >= 0
-    tok = jnp.where(forced, cfg.close_text[jnp.clip(forcing, 0, c - 1)], sampled)
-
-    active = ~st.done
-    recent = jnp.concatenate([st.recent[:, 1:], tok[:, None]], axis=1)
-    wrote_close = jnp.all(recent == cfg.close_marker[None, :], axis=-1)
-    next_forcing = jnp.where(forced, forcing + 1, -1)
-    force_done = forced & (next_forcing >= c)
-    next_forcing = jnp.where(force_done, -1, next_forcing)
-    thinking = st.thinking & ~wrote_close & ~force_done
-    # Reasoning tokens: sampled inside the thought, the `</think>` pieces themselves excluded.
-    m = cfg.close_marker.shape[0]
-    think_count = (st.think_count + (st.thinking & ~forced).astype(jnp.int32)
-                   - jnp.where(st.thinking & ~forced & wrote_close, m, 0))
-
-    stop = ~forced & jnp.any(tok[:, None] == cfg.stop_ids[None, :], axis=-1)
-    slot = jnp.minimum(st.count, n - 1)
-    tokens = st.tokens.at[rows, slot].set(jnp.where(active, tok, st.tokens[rows, slot]))
-    count = st.count + active.astype(jnp.int32)
-    length = ~stop & (count >= cfg.max_new)
-    reason = jnp.where(active & stop, 1, jnp.where(active & length, 2, st.reason))
-
-    keep = lambda new, old: jnp.where(active.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
-    return LoopState(
-        cache=cache, last=keep(tok, st.last), tokens=tokens, count=count,
-        done=st.done | (active & (stop | length)), reason=reason, step=st.step + 1,
-        thinking=keep(thinking, st.thinking), think_count=keep(think_count, st.think_count),
-        forcing=keep(next_forcing, st.forcing), recent=keep(recent, st.recent))
-
-  cond = lambda st: (st.step < seg_end) & ~jnp.all(st.done)
-  return jax.lax.while_loop(cond, body, state)
-
-
-def _prefill_chunk(graphdef, params, cache: Cache, ids: jax.Array) -> Cache:
-  model = nnx.merge(graphdef, params)
-  _, cache = model.hidden_states(ids, cache=cache)
-  return cache
-
-
-class _Structure:
-  """The model's GraphDef as a static jit argument that hashes in O(1).
-
-  jit hashes static arguments on every call; a GraphDef's hash walks the whole module tree
-  (milliseconds for the 9B model, paid per prefill chunk and per decode segment). Handles are
-  interned, so equal structures share one handle (and the compiled code) and compare by identity.
+  Attributes:
+    tokens: generated ids (a stop token included, as it was generated).
+    finish_reason: "stop" or "length".
+    num_reasoning_tokens: tokens generated inside the thought (forced text and `</think>`
+      excluded).
+    reasoning_counts: per token, the reasoning tokens counted up to and including it (to cut a
+      row where a stop string ends it: `cut(k)`).
   """
 
-  __slots__ = ("graphdef", "_hash")
+  tokens: list[int]
+  finish_reason: str | None
+  num_reasoning_tokens: int
+  reasoning_counts: list[int] = dataclasses.field(default_factory=list, repr=False)
 
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
-    self._hash = hash(graphdef)
-
-  def __hash__(self):
-    return self._hash
-
-  def __eq__(self, other):
-    return self is other
-
-
-_STRUCTURES: dict = {}
+  def cut(self, k: int) -> RowResult:
+    """The row ended after its first `k` tokens (a stop string): tokens and count cut there."""
+    k = min(k, len(self.tokens))
+    count = self.reasoning_counts[k - 1] if 0 < k <= len(self.reasoning_counts) else 0
+    return RowResult(self.tokens[:k], "stop", count, self.reasoning_counts[:k])
 
 
-def structure(graphdef) -> _Structure:
-  """The interned static handle of a GraphDef (what `_prefill_jit` and `_decode_jit` take)."""
-  handle = _STRUCTURES.get(graphdef)
-  if handle is None:
-    handle = _STRUCTURES[graphdef] = _Structure(graphdef)
-  return handle
+@dataclasses.dataclass
+class Request:
+  """A validated batch, laid out for the engine."""
+
+  ids: np.ndarray  # [b, bucket + 1] left-padded prompts
+  start: np.ndarray  # [b] first real column per row
+  bucket: int  # prefilled columns
+  cache_len: int
+  max_new_tokens: int
+
+  @property
+  def batch_size(self) -> int:
+    return self.ids.shape[0]
 
 
-# Compiled once per (model structure, shapes) for the whole process: every Sampler of a model
-# shares them, so `generate()` may build a Sampler per call without recompiling.
-_prefill_jit = jax.jit(lambda s, *a: _prefill_chunk(s.graphdef, *a), static_argnums=0,
-                       donate_argnums=(2,))
-_decode_jit = jax.jit(lambda s, *a: _decode_segment(s.graphdef, *a), static_argnums=(0, 5),
-                      donate_argnums=(2,))
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
+def seeds_per_row(seed, n: int) -> list[int]:
+  """One seed per row from an int or one int per prompt; a one-line ValueError otherwise."""
+  seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [seed] * n
+  if len(seeds) != n:
+    raise ValueError(f"seed has {len(seeds)} values for {n} prompts")
+  for s in seeds:
+    if not _is_int(s) or not -2**63 <= s < 2**63:
+      raise ValueError(f"seed must be an integer in [-2**63, 2**63) or one per prompt, "
+                       f"got {s!r:.60}")
+  return [int(s) for s in seeds]
+
+
+def _check_stream_args(stop_tokens, vocab: int, control, segment, should_stop) -> None:
+  if (not isinstance(stop_tokens, (list, tuple, np.ndarray))
+      or any(not _is_int(t) or not 0 <= t < vocab for t in stop_tokens)):
+    raise ValueError(f"stop_tokens must be a list of token ids in [0, {vocab}), "
+                     f"got {stop_tokens!r:.60}")
+  if control is not None and not isinstance(control, ThinkingControl):
+    raise ValueError(f"thinking_control must be a ThinkingControl or None, got {control!r:.60}")
+  if segment is not None and (not _is_int(segment) or segment < 1):
+    raise ValueError(f"segment must be None or an integer >= 1, got {segment!r:.40}")
+  if should_stop is not None and not callable(should_stop):
+    raise ValueError(f"should_stop must be a function (row, tokens) or None, got "
+                     f"{should_stop!r:.40}")
 
 
 class Sampler:
@@ -201,167 +112,178 @@ class Sampler:
 
   def __init__(self, model: NemotronH, *, cache_size: int | None = None, prefill_chunk: int = 1024,
                min_bucket: int = 16):
-    if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
-      raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
+    if not _is_int(prefill_chunk) or prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+      raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk!r}")
+    if cache_size is not None and (not _is_int(cache_size) or cache_size < 1):
+      raise ValueError(f"cache_size must be None or an integer >= 1, got {cache_size!r}")
+    if not _is_int(min_bucket) or min_bucket < 1:
+      raise ValueError(f"min_bucket must be an integer >= 1, got {min_bucket!r}")
+    if not isinstance(model, NemotronH):
+      raise ValueError(f"model must be a nemojax.NemotronH, got {type(model).__name__}")
     self.model = model
     self.config = model.config
     self.cache_size = cache_size
-    self.prefill_chunk = prefill_chunk
-    self.min_bucket = min(min_bucket, prefill_chunk)
-    self.graphdef, self.params = nnx.split(model)
-    self.structure = structure(self.graphdef)
+    self.prefill_chunk = int(prefill_chunk)
+    self.min_bucket = min(int(min_bucket), self.prefill_chunk)
+    self.graph, self.params = jit.split(model)
 
   @staticmethod
   def compiled_shapes() -> dict[str, int]:
     """How many programs the prefill and decode functions hold in this process (for tests)."""
-    return {"prefill": _prefill_jit._cache_size(), "decode": _decode_jit._cache_size()}
+    return engine.compiled_shapes()
 
   # ----------------------------------------------------------------------------------------------
   def prefill_bucket(self, prompt_len: int) -> int:
     """Prefilled columns for a prompt of `prompt_len` tokens (the last token is decoded)."""
     p = max(prompt_len - 1, 1)
     if p <= self.prefill_chunk:
-      return max(_next_pow2(p), self.min_bucket)
+      return max(engine.next_pow2(p), self.min_bucket)
     return -(-p // self.prefill_chunk) * self.prefill_chunk
 
-  def _cache_len(self, bucket: int, max_new: int) -> int:
-    need = bucket + max_new
+  def cache_len(self, bucket: int, max_new_tokens: int) -> int:
+    """Cache positions for a request: `cache_size`, or the need rounded up to 256."""
     if self.cache_size is not None:
       return self.cache_size
-    return -(-need // 256) * 256  # calls with similar sizes share compiled code
+    return -(-(bucket + max_new_tokens) // 256) * 256  # similar sizes share compiled code
 
   def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[int, int]:
     """Checks a request before anything is compiled; returns (bucket, cache length)."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if len(prompts) == 0:
-      raise ValueError("no prompts given")
+    if not isinstance(prompts, (list, tuple, np.ndarray)) or len(prompts) == 0:
+      raise ValueError("prompts must be a non-empty list of token-id lists")
     vocab = self.config.vocab_size
     for i, p in enumerate(prompts):
-      if len(p) == 0:
-        raise ValueError(f"prompt {i} is empty: at least one token is needed")
-      arr = np.asarray(p)
-      if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"prompt {i} must be a flat sequence of token ids")
-      if arr.min() < 0 or arr.max() >= vocab:
-        raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): "
-                         f"min {arr.min()}, max {arr.max()}")
+      if not isinstance(p, (list, tuple, np.ndarray)) or len(p) == 0:
+        raise ValueError(f"prompts[{i}] is empty or not a list: at least one token id is needed")
+      if not all(_is_int(t) for t in (p.tolist() if isinstance(p, np.ndarray) else p)):
+        raise ValueError(f"prompts[{i}] must be a flat sequence of integer token ids")
+      lo, hi = min(p), max(p)
+      if lo < 0 or hi >= vocab:
+        raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab}): min {lo}, max {hi}")
     longest = max(len(p) for p in prompts)
     bucket = self.prefill_bucket(longest)
-    cache_len = self._cache_len(bucket, int(max_new_tokens))
-    if bucket + int(max_new_tokens) > cache_len:
+    need = bucket + int(max_new_tokens)
+    cache_len = self.cache_len(bucket, int(max_new_tokens))
+    if need > cache_len:
       raise ValueError(
           f"prompt of {longest} tokens (padded to {bucket + 1}) plus max_new_tokens="
-          f"{max_new_tokens} needs {bucket + int(max_new_tokens)} cache positions, but the cache "
-          f"holds {cache_len}; shorten the prompt, lower max_new_tokens or raise cache_size")
+          f"{max_new_tokens} needs {need} cache positions, but cache_size is {cache_len}; "
+          "shorten the prompt, lower max_new_tokens or raise cache_size")
+    memory.check_fits(self.config, self.model.dtype, batch=len(prompts), cache_len=cache_len,
+                      buffer_len=engine.buffer_len(max_new_tokens),
+                      chunk=min(bucket, self.prefill_chunk), max_new_tokens=int(max_new_tokens),
+                      cache_size_given=self.cache_size is not None)
     return bucket, cache_len
+
+  def request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Request:
+    """Validates and left-pads a batch: every row's last prompt token in the last column."""
+    bucket, cache_len = self.validate(prompts, max_new_tokens)
+    width = bucket + 1
+    ids = np.zeros((len(prompts), width), np.int32)
+    start = np.zeros((len(prompts),), np.int32)
+    for i, p in enumerate(prompts):
+      ids[i, width - len(p):] = np.asarray(p, np.int32)
+      start[i] = width - len(p)
+    return Request(ids=ids, start=start, bucket=bucket, cache_len=cache_len,
+                   max_new_tokens=int(max_new_tokens))
+
+  def prefill(self, req: Request):
+    """The cache after every prompt column but the last, chunk by chunk."""
+    cache = self.model.init_cache(req.batch_size, req.cache_len)
+    cache = cache.replace(start=jnp.asarray(req.start))
+    chunk = min(req.bucket, self.prefill_chunk)
+    for lo in range(0, req.bucket, chunk):
+      cache = engine.prefill(self.graph, self.params, cache, jnp.asarray(req.ids[:, lo:lo + chunk]))
+    return cache
 
   # ----------------------------------------------------------------------------------------------
   def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling_params: sampling.SamplingParams | Sequence[sampling.SamplingParams] = (
                  sampling.SamplingParams()),
-             seed: int = 0, stop_tokens: Sequence[int] = (),
-             thinking: Sequence[bool] | bool = False,
-             thinking_budget: Sequence[int | None] | int | None = None,
-             budget_policy: str = "hard", budget_grace: int = 64,
+             seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] = (),
+             reasoning_open: Sequence[bool] | bool = False,
+             thinking_budget: ThinkingBudget | Sequence[int | None] | int | None = None,
+             budget_policy: str = "hard", budget_grace: int = DEFAULT_BUDGET_GRACE,
              thinking_control: ThinkingControl | None = None,
              segment: int | None = None,
              should_stop: Callable[[int, list[int]], bool] | None = None,
              ) -> Iterator[tuple[list[list[int]], list[RowResult] | None]]:
     """Runs generation, yielding after every segment.
 
-    Yields (new_tokens_per_row, None) while running and finally ([...], results). `should_stop`
-    (row, tokens so far) -> bool lets the caller end a row between segments (stop strings).
+    Args:
+      prompts: token-id lists.
+      max_new_tokens: bound on generated tokens per row.
+      sampling_params: one rule or one per row.
+      seed: an int or one per row; a row's draws depend only on its seed and prompt.
+      stop_tokens: ids that end a row (included in its tokens).
+      reasoning_open: per row (or one for all): the prompt ends inside an open thought.
+      thinking_budget, budget_policy, budget_grace: see `ThinkingBudget` (a ThinkingBudget
+        passes through as it is).
+      thinking_control: the `</think>` ids and closing text (needed by a budget).
+      segment: decode steps between yields (None: one segment to the end).
+      should_stop: `(row, tokens so far) -> bool`, lets the caller end a row between segments.
+    Yields:
+      (new_tokens_per_row, None) while running and finally (new_tokens_per_row, results).
     """
-    b = len(prompts)
-    bucket, cache_len = self.validate(prompts, max_new_tokens)
-    if isinstance(thinking, bool):
-      thinking = [thinking] * b
-    if thinking_budget is None or isinstance(thinking_budget, (int, np.integer)):
-      thinking_budget = [thinking_budget] * b
-    if len(thinking) != b or len(thinking_budget) != b:
-      raise ValueError(f"thinking and thinking_budget need one value per prompt ({b})")
-    for i, budget in enumerate(thinking_budget):
-      if budget is not None and budget < 0:
-        raise ValueError(f"thinking_budget for prompt {i} must be None or >= 0, got {budget}")
-    if budget_policy not in ("hard", "newline"):
-      raise ValueError(f"budget_policy must be 'hard' or 'newline', got {budget_policy!r}")
-    uses_budget = any(t and bud is not None for t, bud in zip(thinking, thinking_budget))
-    if uses_budget and thinking_control is None:
-      raise ValueError("a thinking budget needs thinking_control (the </think> and closing ids)")
-    temperature, top_k, top_p = sampling.as_arrays(sampling_params, b)
-    mode = sampling.mode_for(temperature, top_k, top_p)  # static: no lax.cond in the loop
+    req = self.request(prompts, max_new_tokens)
+    b = req.batch_size
+    seeds = seeds_per_row(seed, b)
+    if isinstance(reasoning_open, (bool, np.bool_)):
+      reasoning_open = [bool(reasoning_open)] * b
+    if (not isinstance(reasoning_open, (list, tuple, np.ndarray)) or len(reasoning_open) != b
+        or any(not isinstance(o, (bool, np.bool_)) for o in reasoning_open)):
+      raise ValueError(f"reasoning_open must be a bool or one bool per prompt ({b}), "
+                       f"got {reasoning_open!r:.60}")
+    budget = ThinkingBudget.per_row(thinking_budget, b, budget_policy, budget_grace)
+    if budget.needs_control(reasoning_open) and thinking_control is None:
+      raise ValueError("thinking_budget needs thinking_control (the </think> and closing ids)")
+    _check_stream_args(stop_tokens, self.config.vocab_size, thinking_control, segment,
+                       should_stop)
+    cfg, mode = engine.loop_config(
+        vocab_size=self.config.vocab_size, max_new_tokens=req.max_new_tokens,
+        sampling_params=sampling_params, seeds=seeds, stop_tokens=stop_tokens, budget=budget,
+        reasoning_open=reasoning_open, control=thinking_control)
+    state = engine.init_state(self.prefill(req), req.ids[:, -1],
+                              max_new_tokens=req.max_new_tokens, reasoning_open=reasoning_open,
+                              control=thinking_control)
+    yield from self._segments(state, cfg, mode, req.max_new_tokens,
+                              segment or req.max_new_tokens, should_stop)
 
-    # Left-pad to bucket + 1 columns: every row's last prompt token sits in the last column.
-    width = bucket + 1
-    ids = np.zeros((b, width), np.int32)
-    start = np.zeros((b,), np.int32)
-    for i, p in enumerate(prompts):
-      ids[i, width - len(p):] = np.asarray(p, np.int32)
-      start[i] = width - len(p)
-
-    n = _next_pow2(max(int(max_new_tokens), 16))
-    control = thinking_control or ThinkingControl(close_marker=(-2,), close_text=(0,))
-    newline = (control.newline_mask if control.newline_mask is not None
-               else np.zeros((self.config.vocab_size,), bool))
-    if newline.shape[0] < self.config.vocab_size:
-      newline = np.pad(newline, (0, self.config.vocab_size - newline.shape[0]))
-    stop_ids = np.full((max(8, _next_pow2(len(stop_tokens))),), -1, np.int32)
-    stop_ids[:len(stop_tokens)] = np.asarray(stop_tokens, np.int32)
-    cfg = LoopConfig(
-        max_new=jnp.full((b,), int(max_new_tokens), jnp.int32),
-        temperature=jnp.asarray(temperature), top_k=jnp.asarray(top_k), top_p=jnp.asarray(top_p),
-        key=jax.random.key_data(jax.random.key(seed)),
-        stop_ids=jnp.asarray(stop_ids),
-        budget=jnp.asarray([-1 if (bud is None or not t) else bud
-                            for t, bud in zip(thinking, thinking_budget)], jnp.int32),
-        grace=jnp.full((b,), -1 if budget_policy == "hard" else budget_grace, jnp.int32),
-        newline=jnp.asarray(newline[:self.config.vocab_size]),
-        close_text=jnp.asarray(control.close_text, jnp.int32),
-        close_marker=jnp.asarray(control.close_marker, jnp.int32))
-
-    cache = self.model.init_cache(b, cache_len)
-    cache = cache.replace(start=jnp.asarray(start))
-    chunk = min(bucket, self.prefill_chunk)
-    for lo in range(0, bucket, chunk):
-      cache = _prefill_jit(self.structure, self.params, cache, jnp.asarray(ids[:, lo:lo + chunk]))
-
-    state = LoopState(
-        cache=cache, last=jnp.asarray(ids[:, -1]), tokens=jnp.zeros((b, n), jnp.int32),
-        count=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
-        reason=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
-        thinking=jnp.asarray(thinking, bool), think_count=jnp.zeros((b,), jnp.int32),
-        forcing=jnp.full((b,), -1, jnp.int32),
-        recent=jnp.full((b, len(control.close_marker)), -1, jnp.int32))
-
-    seg = int(max_new_tokens) if segment is None else max(1, int(segment))
+  def _segments(self, state: engine.LoopState, cfg: engine.LoopConfig, mode: str,
+                max_new_tokens: int, segment: int, should_stop):
+    b = state.tokens.shape[0]
     emitted = [0] * b
-    stopped_early: dict[int, bool] = {}
-    step = 0
+    stopped = np.zeros((b,), bool)  # rows the caller ended
+    until = 0
     while True:
-      step = min(step + seg, int(max_new_tokens))
-      state = _decode_jit(self.structure, self.params, state, cfg, jnp.int32(step), mode)
+      until = min(until + segment, max_new_tokens)
+      state = engine.decode_segment(self.graph, self.params, state, cfg, jnp.int32(until), mode)
       count, done, tokens = jax.device_get((state.count, state.done, state.tokens))
       new = [tokens[i, emitted[i]:count[i]].tolist() for i in range(b)]
       emitted = [int(c) for c in count]
       if should_stop is not None:
         for i in range(b):
           if not done[i] and should_stop(i, tokens[i, :count[i]].tolist()):
-            stopped_early[i] = True
-        if stopped_early:
-          mask = np.zeros((b,), bool)
-          mask[list(stopped_early)] = True
-          done = done | mask
+            stopped[i] = True
+        if stopped.any():
+          done = done | stopped
           state = state.replace(done=jnp.asarray(done),
-                                reason=jnp.where(jnp.asarray(mask), 1, state.reason))
-      if done.all() or step >= int(max_new_tokens):
+                                reason=jnp.where(jnp.asarray(stopped), 1, state.reason))
+      if done.all() or until >= max_new_tokens:
         break
       yield new, None
-    reason, think_count = jax.device_get((state.reason, state.think_count))
-    results = [RowResult(tokens=tokens[i, :count[i]].tolist(),
-                         finish_reason=FINISH_REASONS[int(reason[i])] or "length",
-                         num_reasoning_tokens=int(think_count[i])) for i in range(b)]
-    yield new, results
+    yield new, self._results(state, tokens, count)
+
+  @staticmethod
+  def _results(state: engine.LoopState, tokens, count) -> list[RowResult]:
+    reason, think_count, counts = jax.device_get(
+        (state.reason, state.think_count, state.reasoning))
+    return [RowResult(tokens=tokens[i, :count[i]].tolist(),
+                      finish_reason=FINISH_REASONS[int(reason[i])] or "length",
+                      num_reasoning_tokens=int(think_count[i]),
+                      reasoning_counts=counts[i, :count[i]].tolist())
+            for i in range(len(count))]
 
   def __call__(self, prompts: Sequence[Sequence[int]], **kw) -> list[RowResult]:
     """Generates for every prompt; see `stream` for the arguments."""

@@ -7,8 +7,10 @@ top_k 0 means no top-k filter, top_p 1 means no nucleus filter. The only static 
 mode (`mode_for`): all-greedy, sampling, or sampling with a top-k/top-p filter somewhere in the
 batch; a decode loop compiles once per mode it meets.
 
-Randomness: each row draws from `fold_in(fold_in(key, step), row)`, so a row's tokens depend only
-on the seed, the step and its own logits, not on which other rows share the batch.
+Randomness: with one key per row ([b, 2], from the row's seed) a row draws from
+`fold_in(key[row], step)`, so its tokens depend only on its seed, the step and its own logits:
+never on its position in the batch or on the other rows. With one key for the batch ([2]) row i
+draws from `fold_in(fold_in(key, step), i)`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 f32 = jnp.float32
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+  return (isinstance(x, (int, float, np.integer, np.floating))
+          and not isinstance(x, (bool, np.bool_)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +52,12 @@ class SamplingParams:
 
   def __post_init__(self):
     t, k, p = self.temperature, self.top_k, self.top_p
-    if not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
-      raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
-    if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
-      raise ValueError(f"top_k must be None or an integer >= 1, got {k!r}")
-    if p is not None and (not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
-      raise ValueError(f"top_p must be None or in (0, 1], got {p!r}")
+    if not _is_real(t) or not math.isfinite(t) or t < 0:
+      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r:.40}")
+    if k is not None and (not _is_int(k) or not 1 <= k < 2**31):
+      raise ValueError(f"top_k must be None or an integer in [1, 2**31), got {k!r:.40}")
+    if p is not None and (not _is_real(p) or not 0.0 < p <= 1.0):
+      raise ValueError(f"top_p must be None or a number in (0, 1], got {p!r:.40}")
 
   @property
   def greedy(self) -> bool:
@@ -58,9 +69,11 @@ Greedy = SamplingParams  # `Greedy()` reads well at call sites
 
 def as_arrays(params: SamplingParams | Sequence[SamplingParams], batch: int):
   """[b]-shaped (temperature, top_k, top_p) arrays for one rule or one rule per row."""
-  rules = [params] * batch if isinstance(params, SamplingParams) else list(params)
-  if len(rules) != batch:
-    raise ValueError(f"got {len(rules)} sampling rules for a batch of {batch}")
+  rules = [params] * batch if isinstance(params, SamplingParams) else params
+  if (not isinstance(rules, (list, tuple)) or len(rules) != batch
+      or any(not isinstance(r, SamplingParams) for r in rules)):
+    raise ValueError(f"sampling_params must be a SamplingParams or one per prompt ({batch}), "
+                     f"got {params!r:.80}")
   temperature = np.array([r.temperature for r in rules], np.float32)
   top_k = np.array([r.top_k or 0 for r in rules], np.int32)
   top_p = np.array([1.0 if r.top_p is None else r.top_p for r in rules], np.float32)
@@ -100,6 +113,8 @@ def sample(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.
            top_k: jax.Array, top_p: jax.Array, *, mode: str = "auto") -> jax.Array:
   """Next tokens [b] int32 from logits [b, v] under per-row rules (see module docstring).
 
+  `key` is raw key data: [b, 2] (one key per row) or [2] (one for the batch).
+
   `mode` fixes at trace time what every row may need: "greedy" (argmax only), "sample" (no top-k
   or top-p filter), "filter" (everything), or "auto" (decided on the device with `lax.cond`).
   A decode loop passes a fixed mode (`mode_for`): on GPUs each `lax.cond` waits for its
@@ -119,8 +134,11 @@ def sample(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.
     elif mode == "auto":
       needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
       scaled = jax.lax.cond(needs_filter, _filter, lambda s, *_: s, scaled, top_k, top_p)
-    step_key = jax.random.fold_in(key, step)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(logits.shape[0]))
+    if key.ndim == 2:  # one key per row
+      row_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(key)
+    else:
+      step_key = jax.random.fold_in(key, step)
+      row_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(logits.shape[0]))
     drawn = jax.vmap(jax.random.categorical)(row_keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 

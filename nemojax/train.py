@@ -39,6 +39,8 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from nemojax import jit
+from nemojax.convert import integrity
 from nemojax.model import NemotronH
 
 __all__ = [
@@ -142,16 +144,17 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array,
   return (nll * weights).sum() / jnp.maximum(count, 1.0), count
 
 
-def _loss(params, graphdef, rest, batch):
-  model = nnx.merge(graphdef, params, rest)
+def _loss(params, graph: jit.Graph, rest, batch):
+  model = graph.merge(params, rest)
   tokens = batch["tokens"]
   logits = model(tokens[:, :-1])
   return next_token_loss(logits, tokens, batch.get("mask"))
 
 
-def _train_step(graphdef, optimizer, state: TrainState, rest: nnx.State, batch: Batch):
+def _train_step(graph: jit.Graph, state: TrainState, rest: nnx.State, batch: Batch, *,
+                optimizer: optax.GradientTransformation):
   (loss, count), grads = jax.value_and_grad(_loss, has_aux=True)(
-      state.params, graphdef, rest, batch)
+      state.params, graph, rest, batch)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   rng, _ = jax.random.split(state.rng)
@@ -159,8 +162,8 @@ def _train_step(graphdef, optimizer, state: TrainState, rest: nnx.State, batch: 
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-def _eval_loss(graphdef, params, rest, batch):
-  return _loss(params, graphdef, rest, batch)[0]
+def _eval_loss(graph: jit.Graph, params, rest, batch):
+  return _loss(params, graph, rest, batch)[0]
 
 
 def _committed(tree):
@@ -182,14 +185,14 @@ class Trainer:
 
   def __init__(self, model: NemotronH, config: TrainConfig = TrainConfig()):
     self.config = config
-    self.graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
+    self.graph, self._params, self._rest = jit.split(model, nnx.Param, ...)
     self.optimizer = make_optimizer(config)
     self.schedule = learning_rate_schedule(config)
-    # graphdef and the optimizer are static structure, not arrays, so closing over them is
-    # safe; params and any non-parameter state (none in NemotronH) are arguments.
-    self._step = jax.jit(functools.partial(_train_step, self.graphdef, self.optimizer),
-                         donate_argnums=(0,))
-    self._eval = jax.jit(functools.partial(_eval_loss, self.graphdef))
+    # The optimizer is static structure (functions, no arrays), so closing over it is safe; the
+    # params and any non-parameter state (none in NemotronH) are arguments.
+    self._step = jit.jit(functools.partial(_train_step, optimizer=self.optimizer),
+                         donate_argnums=(1,))
+    self._eval = jit.jit(_eval_loss)
 
   def init_state(self, seed: int | None = None) -> TrainState:
     """A fresh state from the model's parameters (copied: later steps donate their buffers)."""
@@ -212,16 +215,16 @@ class Trainer:
       The new state and metrics: ``loss`` (before the update), ``grad_norm`` (before clipping)
       and ``target_tokens``.
     """
-    return self._step(state, self._rest, batch)
+    return self._step(self.graph, state, self._rest, batch)
 
   def evaluate(self, params: nnx.State, batch: Batch) -> jax.Array:
     """The masked next-token loss of `params` on `batch` (no update)."""
-    return self._eval(params, self._rest, batch)
+    return self._eval(self.graph, params, self._rest, batch)
 
   def model(self, state_or_params: TrainState | nnx.State) -> NemotronH:
     """The model with the given parameters (shares their buffers)."""
     params = state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
-    return nnx.merge(self.graphdef, params, self._rest)
+    return self.graph.merge(params, self._rest)
 
 
 class Checkpointer:
@@ -239,9 +242,10 @@ class Checkpointer:
     import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy import, only when checkpointing)
     self._ocp = ocp
     self.directory = os.path.abspath(os.fspath(directory))
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    self._open = lambda: ocp.CheckpointManager(self.directory, options=options)
+    self._manager = self._open()
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None when the directory holds no checkpoint."""
@@ -254,17 +258,32 @@ class Checkpointer:
       return
     self._manager.save(step, args=self._ocp.args.StandardSave(state))
     self._manager.wait_until_finished()
+    integrity.seal_dir(os.path.join(self.directory, str(step)))  # every file's size and SHA-256
 
   def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
-    """Restores the state saved at `step` (the latest when None) into `abstract_state`'s structure.
+    """Restores the state saved at `step` (when None: the newest intact one; damaged or incomplete
+    steps are moved aside with a warning, see `integrity.restore_newest`).
 
     Raises:
-      FileNotFoundError: No checkpoint in the directory.
+      FileNotFoundError: No (intact) checkpoint in the directory.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-    return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract_state))
+    args = self._ocp.args.StandardRestore(abstract_state)
+    if step is not None:
+      return self._manager.restore(step, args=args)
+
+    def attempt(s: int) -> TrainState:  # a fresh manager: a failed restore leaves one confused
+      manager = self._open()
+      try:
+        return manager.restore(s, args=args)
+      finally:
+        manager.close()
+
+    found = integrity.restore_newest(self.directory, self._manager.all_steps(), attempt)
+    self._manager.close()
+    self._manager = self._open()  # sees the steps moved aside
+    if found is None:
+      raise FileNotFoundError(f"{self.directory}: no intact checkpoint to restore")
+    return found[1]
 
   def close(self) -> None:
     self._manager.close()

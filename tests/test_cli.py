@@ -89,3 +89,56 @@ def test_default_demo_model_runs_offline():
   r = _run(["generate", "--temperature", "0"])  # no prompt: the demo question
   assert "7 × 8 = 56\n6 × 3 = 18\n8 × 9 = 72" in r.stdout
   assert "The last digit is 2." in r.stdout
+
+
+def test_version_and_bad_flag_are_one_line():
+  r = _run(["--version"])
+  assert r.returncode == 0 and r.stdout.startswith("nemojax ")
+  r = _run(["generate", "--seed", "abc", "hi"])
+  assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+  assert "--seed" in r.stderr and "Traceback" not in r.stderr
+
+
+def _in_process(argv, stdin=""):
+  """Runs a generate/chat command in this process: (status, stdout, stderr)."""
+  import io  # noqa: PLC0415
+
+  from nemojax.cli import build_parser  # noqa: PLC0415
+  from nemojax.generate_cli import run_chat, run_generate  # noqa: PLC0415
+  args = build_parser().parse_args(argv)
+  out, err = io.StringIO(), io.StringIO()
+  if args.func is run_chat:
+    status = run_chat(args, inp=io.StringIO(stdin), out=out, err=err)
+  else:
+    status = run_generate(args, out=out, err=err)
+  return status, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("flags,name", [
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--max-new-tokens", "1000000000"], "max_new_tokens"),
+    (["--temperature", "inf"], "temperature"), (["--top-p", "2"], "top_p"),
+    (["--top-k", "0"], "top_k"), (["--thinking-budget", "-1"], "thinking_budget"),
+    (["--budget-grace", "-1"], "budget_grace"), (["--cache-size", "-5"], "cache_size"),
+    (["--prefill-chunk", "3"], "prefill_chunk"), (["--seed", str(2**70)], "seed"),
+])
+def test_user_errors_are_one_line_exit_1_without_output(converted, flags, name):
+  from nemojax import memory  # noqa: PLC0415
+  if "1000000000" in flags and memory.free_bytes() is None:
+    pytest.skip("free memory unknown on this platform: no check is made")
+  status, out, err = _in_process(["generate", "--model", str(converted), "hi", *flags])
+  assert status == 1 and out == ""  # no [thinking] header before the error
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("nemojax generate: error:") and name in last
+  assert "Traceback" not in err
+
+
+def test_chat_bare_think_switch_is_not_a_message(converted):
+  status, out, err = _in_process(
+      ["chat", "--model", str(converted), "--max-new-tokens", "4", "--temperature", "0"],
+      stdin="/no_think\nhello\n/think\nagain\n")
+  assert status == 0
+  assert "(reasoning off for the next turns)" in err and "(reasoning on" in err
+  turns = out.split("assistant> ")[1:]
+  assert len(turns) == 2  # two messages, the switches are not turns
+  assert turns[0].startswith("[answer]") and turns[1].startswith("[thinking]")

@@ -138,3 +138,72 @@ def test_reasoning_tokens_are_counted_without_a_budget():
   assert len(close) == 1
   assert g.num_reasoning_tokens == g.tokens.index(close[0]) > 0
   assert g.answer == "The last digit is 2." and g.finish_reason == "stop"
+
+
+# ---- input validation (issue #12): one ValueError per bad argument, naming it, before compiling
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(seed="abc"), "seed"), (dict(seed=1.5), "seed"), (dict(seed=None), "seed"),
+    (dict(seed=2**70), "seed"), (dict(seed=[1, 2]), "seed"), (dict(seed=True), "seed"),
+    (dict(prompts=[{"role": "wizard", "content": "hi"}]), "role"),
+    (dict(prompts=[{"role": "user", "content": None}]), "content"),
+    (dict(prompts=[[1, 2, -5]]), r"prompts\[0\]"), (dict(prompts=[[1, 10**6]]), r"prompts\[0\]"),
+    (dict(prompts=[]), "prompts"), (dict(prompts=[3.5]), r"prompts\[0\]"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature="hot"), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(top_k=1.5), "top_k"), (dict(top_k=2**70), "top_k"),
+    (dict(budget_grace=-1), "budget_grace"), (dict(budget_policy="soft"), "budget_policy"),
+    (dict(thinking_budget=-2), "thinking_budget"),
+    (dict(thinking_budget=[1, 2]), "thinking_budget"),
+    (dict(thinking_budget=2.5), "thinking_budget"), (dict(thinking="yes"), "thinking"),
+    (dict(cache_size=-5), "cache_size"), (dict(prefill_chunk=3), "prefill_chunk"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens="5"), "max_new_tokens"),
+    (dict(stop=[""]), "stop"), (dict(stop=5), "stop"), (dict(stop_tokens=[-1]), "stop_tokens"),
+    (dict(stream=5), "stream"), (dict(tokenizer="tok"), "tokenizer"), (dict(model="m"), "model"),
+    (dict(sampler="s"), "sampler"),
+])
+def test_bad_arguments_are_one_line_value_errors(multi, kwargs, name):
+  model, tok = multi
+  args = dict(model=model, prompts="hello", tokenizer=tok, max_new_tokens=4)
+  args.update(kwargs)
+  before = nemojax.Sampler.compiled_shapes()
+  with pytest.raises(ValueError, match=name) as e:
+    nemojax.generate(args.pop("model"), args.pop("prompts"), **args)
+  assert "\n" not in str(e.value)
+  assert nemojax.Sampler.compiled_shapes() == before
+
+
+def test_a_request_that_cannot_fit_is_refused_before_compiling(multi):
+  from nemojax import memory
+  if memory.free_bytes() is None:
+    pytest.skip("free memory unknown on this platform: no check is made (see memory.py)")
+  model, tok = multi
+  before = nemojax.Sampler.compiled_shapes()
+  with pytest.raises(ValueError, match=r"max_new_tokens=1000000000 .* bytes") as e:
+    nemojax.generate(model, "hello", tokenizer=tok, max_new_tokens=10**9)
+  assert "\n" not in str(e.value) and "free" in str(e.value)
+  assert nemojax.Sampler.compiled_shapes() == before
+
+
+def test_same_seed_same_prompt_same_samples_at_any_row(multi):
+  model, tok = multi
+  kw = dict(tokenizer=tok, max_new_tokens=12, temperature=1.0, stop_tokens=[])
+  ab = nemojax.generate(model, ["Tell me about dogs.", "Count to five."], seed=5, **kw)
+  ba = nemojax.generate(model, ["Count to five.", "Tell me about dogs."], seed=5, **kw)
+  assert ab[0].tokens == ba[1].tokens and ab[1].tokens == ba[0].tokens
+  # one seed per prompt: a row follows its own seed whatever its companions
+  mixed = nemojax.generate(model, ["Tell me about dogs."] * 3, seed=[5, 6, 5], **kw)
+  alone = nemojax.generate(model, "Tell me about dogs.", seed=6, **kw)[0]
+  assert mixed[0].tokens == mixed[2].tokens == ab[0].tokens
+  assert mixed[1].tokens == alone.tokens != mixed[0].tokens
+
+
+def test_stop_strings_cut_tokens_and_reasoning_count_exactly(multi):
+  model, tok = multi
+  kw = dict(tokenizer=tok, max_new_tokens=40, temperature=1.0, seed=8, stop_tokens=[])
+  free = nemojax.generate(model, "Tell me about dogs.", **kw)[0]
+  stop = free.text[6:9]
+  cut = nemojax.generate(model, "Tell me about dogs.", stop=stop, **kw)[0]
+  k = len(cut.tokens)
+  assert cut.finish_reason == "stop" and cut.tokens == free.tokens[:k]
+  assert stop in tok.decode(cut.tokens) and stop not in tok.decode(cut.tokens[:-1])
+  # the whole row is reasoning (a random model never closes its thought)
+  assert cut.num_reasoning_tokens == k < free.num_reasoning_tokens

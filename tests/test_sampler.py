@@ -171,7 +171,7 @@ def test_thinking_budget_forces_the_closing_text(sampler):
   ctl = ThinkingControl(close_marker=close_marker, close_text=close_text)
   prompt = np.random.default_rng(8).integers(0, 200, 6).tolist()
   budgets = [0, 3, 6, None]
-  res = sampler([prompt] * 4, max_new_tokens=16, thinking=True, thinking_budget=budgets,
+  res = sampler([prompt] * 4, max_new_tokens=16, reasoning_open=True, thinking_budget=budgets,
                 thinking_control=ctl,
                 sampling_params=sampling.SamplingParams(temperature=1.0, top_k=200), seed=1)
   for budget, r in zip(budgets, res):
@@ -188,7 +188,7 @@ def test_thinking_budget_newline_policy_waits_for_a_line_end(sampler):
   ctl_mask[np.arange(0, 256, 3)] = True  # every third id "ends a line"
   ctl = ThinkingControl(close_marker=(250, 251), close_text=(250, 251), newline_mask=ctl_mask)
   prompt = np.random.default_rng(9).integers(0, 200, 6).tolist()
-  res = sampler([prompt] * 3, max_new_tokens=24, thinking=True, thinking_budget=[2, 4, 5],
+  res = sampler([prompt] * 3, max_new_tokens=24, reasoning_open=True, thinking_budget=[2, 4, 5],
                 budget_policy="newline", budget_grace=6, thinking_control=ctl,
                 sampling_params=sampling.SamplingParams(temperature=1.0), seed=2)
   for budget, r in zip([2, 4, 5], res):
@@ -203,18 +203,18 @@ def test_model_written_close_ends_the_thought(sampler):
   free = sampler([prompt], max_new_tokens=10)[0].tokens
   marker = (free[2],)  # pretend the model's third token is `</think>`
   ctl = ThinkingControl(close_marker=marker, close_text=(1, 2))
-  r = sampler([prompt], max_new_tokens=10, thinking=True, thinking_budget=8,
+  r = sampler([prompt], max_new_tokens=10, reasoning_open=True, thinking_budget=8,
               thinking_control=ctl)[0]
   assert r.tokens == free  # nothing forced
   assert r.num_reasoning_tokens == free.index(free[2])  # the thought, `</think>` excluded
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[[]]), r"prompts\[0\] is empty"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(prompts=[[1] * 60]), "cache"),
     (dict(prompts=[[1, 999]]), "outside"),
-    (dict(thinking=True, thinking_budget=-1), "thinking_budget"),
+    (dict(reasoning_open=True, thinking_budget=-1), "thinking_budget"),
 ])
 def test_bad_input_errors_before_compiling(tiny_model, kwargs, match):
   s = Sampler(tiny_model, prefill_chunk=16, cache_size=48)
@@ -253,3 +253,67 @@ def test_fixed_modes_equal_auto():
   with pytest.raises(ValueError, match="mode"):
     sampling.sample(logits, key, 0, jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p),
                     mode="beam")
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(cache_size=-5), "cache_size"), (dict(cache_size=2.5), "cache_size"),
+    (dict(prefill_chunk=24), "prefill_chunk"), (dict(min_bucket=0), "min_bucket"),
+    (dict(model="m"), "model"),
+])
+def test_bad_sampler_arguments(tiny_model, kwargs, name):
+  args = dict(model=tiny_model)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=name) as e:
+    Sampler(args.pop("model"), **args)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(seed="abc"), "seed"), (dict(seed=1.5), "seed"), (dict(seed=None), "seed"),
+    (dict(seed=2**70), "seed"), (dict(seed=[1, 2, 3]), "seed"),
+    (dict(prompts=[[1, -5]]), r"prompts\[0\]"), (dict(prompts=[[1, 2.0]]), r"prompts\[0\]"),
+    (dict(prompts="abc"), "prompts"), (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(stop_tokens=[-1]), "stop_tokens"), (dict(stop_tokens=[2**40]), "stop_tokens"),
+    (dict(segment=0), "segment"), (dict(should_stop=3), "should_stop"),
+    (dict(reasoning_open=[True]), "reasoning_open"), (dict(reasoning_open="yes"), "reasoning_open"),
+    (dict(sampling_params="greedy"), "sampling_params"),
+    (dict(sampling_params=[sampling.SamplingParams()]), "sampling_params"),
+    (dict(thinking_budget=3, budget_grace=-1), "budget_grace"),
+    (dict(thinking_budget=3, budget_policy="soft"), "budget_policy"),
+    (dict(thinking_control="x"), "thinking_control"),
+])
+def test_bad_stream_arguments_before_compiling(sampler, kwargs, name):
+  args = dict(prompts=[[1, 2, 3], [4, 5]], max_new_tokens=4)
+  args.update(kwargs)
+  before = sampler.compiled_shapes()
+  with pytest.raises(ValueError, match=name) as e:
+    sampler(args.pop("prompts"), **args)
+  assert "\n" not in str(e.value)
+  assert sampler.compiled_shapes() == before
+
+
+def test_memory_check_names_the_knob_and_the_bytes(tiny_model, monkeypatch):
+  from nemojax import memory
+  monkeypatch.setattr(memory, "free_bytes", lambda: 10_000)
+  with pytest.raises(ValueError, match=r"cache_size=64 .*bytes"):
+    Sampler(tiny_model, cache_size=64)([[1, 2, 3]], max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"max_new_tokens=4 .*bytes"):
+    Sampler(tiny_model)([[1, 2, 3]], max_new_tokens=4)
+  monkeypatch.setattr(memory, "free_bytes", lambda: None)  # unknown: no check
+  assert len(Sampler(tiny_model, prefill_chunk=16, min_bucket=8)(
+      [[1, 2, 3]], max_new_tokens=2)[0].tokens) == 2
+  parts = memory.need_bytes(tiny_model.config, tiny_model.dtype, batch=2, cache_len=256,
+                            buffer_len=16, chunk=16)
+  assert parts["cache"] == nemojax.cache.cache_bytes(tiny_model.config, 2, 256, tiny_model.dtype)
+
+
+def test_a_rows_draws_depend_only_on_its_seed_and_prompt(sampler):
+  rng = np.random.default_rng(11)
+  p, q = rng.integers(0, 256, 5).tolist(), rng.integers(0, 256, 8).tolist()
+  hot = dict(max_new_tokens=8, sampling_params=sampling.SamplingParams(temperature=1.5))
+  pq = sampler([p, q], seed=3, **hot)
+  qp = sampler([q, p], seed=3, **hot)
+  assert pq[0].tokens == qp[1].tokens and pq[1].tokens == qp[0].tokens
+  same = sampler([p, p, p], seed=[3, 4, 3], **hot)
+  assert same[0].tokens == same[2].tokens == pq[0].tokens
+  assert same[1].tokens == sampler([p], seed=4, **hot)[0].tokens != same[0].tokens

@@ -22,7 +22,7 @@ import datetime
 import json
 import os
 import platform
-import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +32,6 @@ import numpy as np
 from flax import nnx
 
 from nemojax.config import NemotronHConfig
-from nemojax.convert.names import tensor_specs
 from nemojax.demo.data import DEFAULT_MIX, TokenizedTask, build_demo_tokenizer, make_batch
 from nemojax.model import NemotronH, count_params
 from nemojax.tokenizer import Tokenizer
@@ -83,35 +82,27 @@ def save_hf(model: NemotronH, tokenizer_dir: str | os.PathLike | None,
             out_dir: str | os.PathLike) -> None:
   """Writes `model` as an HF checkpoint directory that `nemojax.load` (and transformers) read.
 
-  config.json, model.safetensors (float32, names from `convert.names.tensor_specs`),
-  generation_config.json, and the tokenizer files copied from `tokenizer_dir`.
+  config.json and model.safetensors (float32) come from the converter
+  (`nemojax.convert.export_model`); then generation_config.json, and the tokenizer files copied
+  from `tokenizer_dir` (`out_dir` may already hold them: its other files are kept).
   """
-  from safetensors.numpy import save_file  # noqa: PLC0415
+  from nemojax.convert import export_model  # noqa: PLC0415
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  copy_from = None
+  if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
+    copy_from = tokenizer_dir
+  # The converter writes a whole new directory; its files then join what `out` already holds.
+  with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    staged = Path(tmp) / "hf"
+    export_model(model, staged, dtype="float32", copy_from=copy_from, progress=False)
+    for f in staged.iterdir():
+      os.replace(f, out / f.name)
   config = model.config
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  tensors = {}
-  for spec in tensor_specs(config):
-    node = state
-    for key in spec.path:
-      node = node[key]
-    arr = np.asarray(node, np.float32)
-    if arr.shape != spec.shape:
-      raise ValueError(f"{spec.hf_name}: model has shape {arr.shape}, expected {spec.shape}")
-    tensors[spec.hf_name] = arr
-  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  os.chmod(out / "model.safetensors", 0o644)  # safetensors writes 0600; package data is shared
-  hf = config.to_hf_config()
-  hf["torch_dtype"] = "float32"
-  (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
   generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids),
                 "pad_token_id": config.pad_token_id, "do_sample": False}
   (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
                                               encoding="utf-8")
-  if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-      shutil.copyfile(Path(tokenizer_dir) / name, out / name)
 
 
 def train_demo(settings: DemoSettings, out_dir: str | os.PathLike, *,
