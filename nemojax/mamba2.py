@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from nemojax import sharding
 from nemojax.cache import MambaState
 from nemojax.config import NemotronHConfig, keeps_float32
 from nemojax.kernels.ssd import api as ssd_api
@@ -131,6 +132,10 @@ class Mamba2Mixer(nnx.Module):
     x = rearrange(xbc[..., :self.d_inner], "b t (h p) -> b t h p", h=h)
     B = rearrange(xbc[..., self.d_inner:self.d_inner + g * n], "b t (g n) -> b t g n", g=g)
     C = rearrange(xbc[..., self.d_inner + g * n:], "b t (g n) -> b t g n", g=g)
+    # On a mesh: the SSD runs per head shard (in_proj's fused output is split evenly, not by
+    # heads, so XLA moves the misaligned slices here; see nemojax/sharding.py).
+    x = sharding.constrain(self, x, "mamba_x")
+    dt = sharding.constrain(self, dt, "mamba_dt")
     A = -jnp.exp(self.A_log[...].astype(f32))
     D = self.D[...].astype(f32)
 
@@ -144,6 +149,7 @@ class Mamba2Mixer(nnx.Module):
                            chunk_size=self.chunk_size, implementation=self.ssd_implementation)
     y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z, out_dtype=dtype)
     out = self.out_proj(y)
-    new_state = None if state is None else MambaState(conv=new_history.astype(state.conv.dtype),
-                                                      ssm=ssm)
+    new_state = None if state is None else MambaState(
+        conv=sharding.constrain(self, new_history.astype(state.conv.dtype), "mamba_conv_state"),
+        ssm=sharding.constrain(self, ssm, "ssm_state"))
     return out, new_state

@@ -118,7 +118,6 @@ ACTIVATION_AXES: Mapping[str, tuple[str | None, ...]] = {
     "attn_q": ("batch", "length", "heads", "head_dim"),  # [b, t, h, d]
     "kv": ("batch", "kv_heads", "length", "head_dim"),  # [b, kv, s, d]
     "logits": ("batch", "length", "vocab"),  # [b, t, V]
-    "rows": ("batch",),  # [b]
 }
 
 
@@ -200,7 +199,33 @@ class Layout:
 
   # ---------------------------------------------------------------------------------------------
   def param_spec(self, path: Sequence[str | int], shape: Sequence[int]) -> P:
-    return self.spec(param_axes(path), shape, name=".".join(map(str, path)))
+    """The spec of a model parameter; parameters PARAM_AXES does not name (adapters added to a
+    model, say) and leaves whose rank differs from the table's (optimizer scalars) replicate."""
+    parts = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    if parts and parts[-1] == "value":  # an nnx.Variable's array
+      parts = parts[:-1]
+    for i, key in enumerate(parts):  # the parameter path inside e.g. an optimizer's moments
+      if key in ("backbone", "lm_head"):
+        parts = parts[i:]
+        break
+    try:
+      axes = param_axes(parts)
+    except KeyError:
+      return P()
+    if len(axes) != len(shape):
+      return P()
+    return self.spec(axes, shape, name=".".join(map(str, parts)))
+
+  def tree_specs(self, tree):
+    """Specs for any pytree holding parameter-shaped leaves under their parameter paths
+    (params, gradients, optimizer moments, a whole train state); other leaves replicate."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: self.param_spec(path, np.shape(x)), tree)
+
+  def tree_shardings(self, tree):
+    """`tree_specs` as NamedShardings on this layout's mesh."""
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.tree_specs(tree),
+                        is_leaf=lambda s: isinstance(s, P))
 
   def tensor_sharding(self, spec) -> NamedSharding:
     """For `nemojax.load(..., sharding=)`: a checkpoint TensorSpec -> its NamedSharding."""
@@ -235,8 +260,19 @@ class Layout:
         return KVState(k=self.activation_spec("kv", s.k.shape),
                        v=self.activation_spec("kv", s.v.shape))
       return None
-    return Cache(layers=tuple(layer(s) for s in cache.layers), pos=P(),
-                 start=self.activation_spec("rows", cache.start.shape))
+    # `start` (a few ints per row) is replicated like the rest of the loop's bookkeeping; a
+    # sharded [b] vector beside replicated ones of the same shape confuses buffer donation.
+    return Cache(layers=tuple(layer(s) for s in cache.layers), pos=P(), start=P())
+
+  def init_cache(self, config, batch_size: int, max_len: int, dtype):
+    """An empty decode state created straight into its shards (never whole on one device)."""
+    from nemojax import cache as cache_lib  # noqa: PLC0415
+
+    make = lambda: cache_lib.init_cache(config, batch_size, max_len, dtype)
+    specs = self.cache_specs(jax.eval_shape(make))
+    shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
+                             is_leaf=lambda s: isinstance(s, P))
+    return jax.jit(make, out_shardings=shardings)()
 
   def shard_cache(self, cache):
     """The decode state placed batch over data, KV over kv heads, SSM state over Mamba heads."""
@@ -310,24 +346,40 @@ def make_layout(mesh: jax.sharding.Mesh, config: NemotronHConfig | None = None, 
                 units=tuple(sorted(_unit_counts(config).items())), on_indivisible=on_indivisible)
 
 
-def layout_of(model_or_graphdef) -> Layout | None:
-  """The layout a model was sharded with (`shard_model`), or None."""
-  return getattr(model_or_graphdef, "sharding_layout", None)
+def layout_of(module) -> Layout | None:
+  """The layout a model was sharded with (`shard_model`, `nemojax.load(mesh=)`), or None."""
+  return getattr(module, "sharding_layout", None)
+
+
+def attach(model, layout: Layout | None):
+  """Remembers `layout` on every module of `model` (static graph data, so it is part of the
+  compiled functions' key): modules read it to constrain their activations. Returns the model."""
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.Module):
+      module.sharding_layout = layout
+  return model
+
+
+def constrain(module, x: jax.Array, kind: str) -> jax.Array:
+  """`x` constrained to the activation sharding `kind` of the layout `module` carries (if any)."""
+  layout = layout_of(module)
+  return x if layout is None else layout.constrain(x, kind)
 
 
 def shard_model(model, mesh_or_layout, *, rules=None, on_indivisible: str = "replicate"):
   """Places every parameter of `model` into its shards (in place) and returns the model.
 
-  The layout is remembered on the model (`model.sharding_layout`, static graph data), so its
-  compiled functions add the activation constraints and switch Explicit axes to Auto.
+  Args:
+    model: a `NemotronH` (or any module whose parameters PARAM_AXES names).
+    mesh_or_layout: a `jax.sharding.Mesh` (sharded with `make_layout(mesh, model.config, ...)`)
+      or a `Layout`.
+    rules, on_indivisible: see `make_layout`.
   """
   layout = (mesh_or_layout if isinstance(mesh_or_layout, Layout)
             else make_layout(mesh_or_layout, getattr(model, "config", None), rules=rules,
                              on_indivisible=on_indivisible))
-  state = nnx.state(model)
-  nnx.update(model, layout.shard_state(state))
-  model.sharding_layout = layout
-  return model
+  nnx.update(model, layout.shard_state(nnx.state(model)))
+  return attach(model, layout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,9 +405,20 @@ def auto_call(layout: Layout | None, fn: Callable, *args, out_specs):
   """
   if layout is None or not layout.explicit:
     return fn(*args)
+  context = _context_mesh()
+  if not context.empty and not getattr(context, "explicit_axes", ()):
+    return fn(*args)  # already inside an Auto region (the model called by the decode loop)
   shardings = jax.tree.map(lambda s: NamedSharding(layout.mesh, s), out_specs,
                            is_leaf=lambda s: isinstance(s, P))
   return jax.sharding.auto_axes(fn, out_sharding=shardings)(*args)
+
+
+def commit(layout: Layout, tree):
+  """Uncommitted arrays of `tree` placed replicated on the layout's mesh (others untouched)."""
+  replicated = NamedSharding(layout.mesh, P())
+  fresh = lambda x: (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                     and not x.committed)
+  return jax.tree.map(lambda x: jax.device_put(x, replicated) if fresh(x) else x, tree)
 
 
 def same_specs(tree):
