@@ -95,8 +95,8 @@ def jit(fn: Callable, *, static_argnums: Sequence[int] = (),
     if layout is None or not layout.explicit:
       return fn(graph, *args)
     if out_specs is None:
-      raise ValueError(f"{getattr(fn, '__name__', fn)}: this function does not support models sharded over an "
-                       "Explicit mesh (no out_specs)")
+      raise ValueError(f"{getattr(fn, '__name__', fn)}: this function does not support models "
+                       "sharded over an Explicit mesh (no out_specs)")
     dynamic = [i for i in range(len(args)) if i + 1 not in static]
 
     def inner(*dynamic_args):

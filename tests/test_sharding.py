@@ -1,0 +1,163 @@
+"""SPMD sharding on 8 fake CPU devices (tests/conftest.py sets
+--xla_force_host_platform_device_count=8): a sharded model computes what the unsharded one does.
+
+Two meshes cover both axis types: (2 data, 4 tensor) from `jax.make_mesh` with its default axis
+types (Explicit in current JAX) and (8 fsdp) with Auto axes. The model of the first is a random
+config whose head counts divide 4 (every projection partitioned), saved in nemojax's format and
+loaded with `mesh=`; the second loads the demo's trained HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+
+import nemojax
+from nemojax import NemotronH, NemotronHConfig, Sampler
+from nemojax import sharding as S
+from nemojax import testing as T
+from nemojax.train import Checkpointer, TrainConfig, Trainer
+
+DEMO = "nemojax/demo/assets"
+# Every head count divides the tensor axis (4) and the embed width the fsdp axis (8).
+CONFIG = NemotronHConfig.tiny(hidden_size=64, intermediate_size=128, num_attention_heads=8,
+                              num_key_value_heads=4, head_dim=8, mamba_num_heads=8,
+                              mamba_head_dim=8, n_groups=4, ssm_state_size=8)
+PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 8, 100, 7], [3] * 12, [60, 61, 62, 63, 64]]
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+
+def _mesh(shape, names, axis_type=None):
+  if axis_type is None:
+    return jax.make_mesh(shape, names)  # the JAX version's default axis types
+  return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+
+
+def _ids(vocab, shape=(4, 16), seed=0):
+  return np.asarray(jax.random.randint(jax.random.key(seed), shape, 0, vocab), np.int32)
+
+
+def _is_partitioned(x: jax.Array) -> bool:
+  return x.addressable_shards[0].data.size < x.size
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(tmp_path_factory):
+  """(unsharded model, the same loaded on a (2 data, 4 tensor) mesh)."""
+  path = tmp_path_factory.mktemp("tp") / "model"
+  model = NemotronH(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(3))
+  nemojax.save(model, path)
+  sharded = nemojax.load(path, jnp.float32, mesh=_mesh((2, 4), ("data", "tensor")))
+  return model, sharded
+
+
+@pytest.fixture(scope="module")
+def fsdp():
+  """(the demo model unsharded, the same on an (8 fsdp) Auto mesh)."""
+  return (nemojax.load(DEMO, jnp.float32),
+          nemojax.load(DEMO, jnp.float32, mesh=_mesh((8,), ("fsdp",), AxisType.Auto)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [CONFIG, *T.MOE_CONFIGS.values()],
+                         ids=["hybrid", "moe", "latent"])
+def test_every_parameter_has_logical_axes(config):
+  state = nnx.state(nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0))))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
+    keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+    axes = S.param_axes(keys)
+    assert len(axes) == leaf.ndim, f"{keys}: axes {axes} for shape {leaf.shape}"
+    assert all(a is None or a in S.DEFAULT_RULES or a in S.ACTIVATION_AXES or a in (
+        "head_dim", "state", "norm", "latent", "length") for a in axes)
+
+
+def test_rules_divisibility_and_overrides():
+  mesh = _mesh((2, 4), ("data", "tensor"), AxisType.Auto)
+  layout = S.make_layout(mesh, CONFIG.replace(num_key_value_heads=2))
+  assert layout.spec(("kv_heads", "embed"), (16, 64)) == jax.sharding.PartitionSpec()
+  assert layout.spec(("heads", "embed"), (64, 64)) == jax.sharding.PartitionSpec("tensor")
+  # batch over (data, fsdp) falls back to what divides it
+  assert layout.spec(("batch", None), (6, 3)) == jax.sharding.PartitionSpec("data")
+  custom = S.make_layout(mesh, CONFIG, rules={"heads": None, "embed": "tensor"})
+  assert custom.spec(("heads", "embed"), (64, 64)) == jax.sharding.PartitionSpec(None, "tensor")
+  with pytest.raises(ValueError, match="not used by any sharding rule"):
+    S.make_layout(_mesh((8,), ("model",)), CONFIG)
+
+
+def test_indivisible_sizes_replicate_or_fail_with_one_line():
+  mesh = _mesh((2, 4), ("data", "tensor"))
+  model = nemojax.load(DEMO, jnp.float32, mesh=mesh)  # 2 KV heads on 4 tensor shards
+  k = model.backbone.layers[1].mixer.k_proj.weight[...]
+  q = model.backbone.layers[1].mixer.q_proj.weight[...]
+  assert not _is_partitioned(k) and _is_partitioned(q)
+  with pytest.raises(ValueError) as err:
+    S.shard_model(nemojax.load(DEMO, jnp.float32), mesh, on_indivisible="error")
+  message = str(err.value)
+  assert "\n" not in message and "k_proj.weight" in message and "kv_heads" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded equals unsharded
+# ------------------------------------------------------------------------------------------------
+def test_tensor_parallel_logits_and_partitioned_weights(tensor_parallel):
+  model, sharded = tensor_parallel
+  layers = sharded.backbone.layers
+  for name, w in [("in_proj", layers[0].mixer.in_proj.weight), ("out_proj",
+                  layers[0].mixer.out_proj.weight), ("up_proj", layers[1].mixer.up_proj.weight),
+                  ("down_proj", layers[1].mixer.down_proj.weight)] + [
+                  (p, getattr(layers[3].mixer, p).weight) for p in ("q_proj", "k_proj", "v_proj",
+                                                                    "o_proj")]:
+    assert _is_partitioned(w[...]), f"{name} is not partitioned: {w[...].sharding}"
+  ids = _ids(CONFIG.vocab_size)
+  got = sharded(ids)
+  assert isinstance(got.sharding, NamedSharding) and got.sharding.mesh.shape["tensor"] == 4
+  T.assert_close(np.asarray(got), np.asarray(model(ids)), "float32", "same", "logits")
+
+
+def test_fsdp_logits_and_partitioned_weights(fsdp):
+  model, sharded = fsdp
+  mixer = sharded.backbone.layers[0].mixer
+  assert _is_partitioned(mixer.in_proj.weight[...]) and _is_partitioned(mixer.out_proj.weight[...])
+  ids = _ids(320, (8, 12), seed=1)
+  T.assert_close(np.asarray(sharded(ids)), np.asarray(model(ids)), "float32", "same", "logits")
+
+
+def test_greedy_generate_matches_unsharded(tensor_parallel):
+  model, sharded = tensor_parallel
+  want = Sampler(model)(PROMPTS, max_new_tokens=8)
+  got = Sampler(sharded)(PROMPTS, max_new_tokens=8)
+  assert [r.tokens for r in got] == [r.tokens for r in want]
+  cache = sharded.init_cache(4, 32)
+  assert _is_partitioned(cache.layers[0].ssm) and _is_partitioned(cache.layers[3].k)
+
+
+@pytest.mark.slow
+def test_train_step_matches_unsharded_and_restores_on_another_mesh(fsdp, tmp_path):
+  model, sharded = fsdp
+  batch = {"tokens": jnp.asarray(_ids(320, (8, 12), seed=2))}
+  config = TrainConfig(warmup_steps=1, total_steps=10)
+  want_state, want = Trainer(model, config).step(Trainer(model, config).init_state(), batch)
+  trainer = Trainer(sharded, config)
+  state, got = trainer.step(trainer.init_state(), batch)
+  T.assert_close(float(got["loss"]), float(want["loss"]), "float32", "same", "loss")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                          jax.tree.leaves(want_state.params)):
+    T.assert_close(np.asarray(a), np.asarray(b), "float32", "same", jax.tree_util.keystr(path))
+
+  # saved from the (8 fsdp) mesh, restored onto (2 data, 4 tensor): values equal, new shardings
+  ckpt = Checkpointer(tmp_path / "run")
+  ckpt.save(state)
+  other = S.shard_model(nemojax.load(DEMO, jnp.float32), _mesh((2, 4), ("data", "tensor")))
+  restored = ckpt.restore(Trainer(other, config).abstract_state())
+  ckpt.close()
+  q = restored.params["backbone"]["layers"][1]["mixer"]["q_proj"]["weight"][...]
+  assert q.sharding.mesh.shape["tensor"] == 4 and _is_partitioned(q)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
