@@ -9,6 +9,12 @@ loaded with `mesh=`; the second loads the demo's trained HF checkpoint.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +28,8 @@ from nemojax import sharding as S
 from nemojax import testing as T
 from nemojax.train import Checkpointer, TrainConfig, Trainer
 
-DEMO = "nemojax/demo/assets"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "nemojax" / "demo" / "assets")
 # Every head count divides the tensor axis (4) and the embed width the fsdp axis (8).
 CONFIG = NemotronHConfig.tiny(hidden_size=64, intermediate_size=128, num_attention_heads=8,
                               num_key_value_heads=4, head_dim=8, mamba_num_heads=8,
@@ -161,3 +168,24 @@ def test_train_step_matches_unsharded_and_restores_on_another_mesh(fsdp, tmp_pat
   assert q.sharding.mesh.shape["tensor"] == 4 and _is_partitioned(q)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark scripts (run on the GPU machine; a script that breaks should break here)
+# ------------------------------------------------------------------------------------------------
+def _script(args, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_smoke(tmp_path):
+  _script(["benchmarks/multi_gpu.py", "--smoke"], tmp_path)
+  check = json.loads((tmp_path / "multi_gpu_smoke.json").read_text())["check"]
+  assert check["greedy_tokens_equal"] and check["logits_rel_err"] <= T.tolerance("float32", "same")
+  _script(["benchmarks/sharding_memory.py", "--config", "tiny", "--parts", "prefill", "--devices",
+           "2", "--chunk", "16", "--cache-len", "64"], tmp_path)
+  rows = json.loads((tmp_path / "sharding_memory.json").read_text())["rows"]
+  assert rows[0]["devices"] == 2 and rows[0]["args_gib"] > 0
