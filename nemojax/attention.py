@@ -67,7 +67,8 @@ class Attention(nnx.Module):
       k_all = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), pos, axis=2)
       v_all = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), pos, axis=2)
       o = attention_kernels.attention(q, k_all, v_all, pos, start, pos + t,
-                                      implementation=self.implementation,
+                                      implementation=sharding.kernel_choice(
+                                          self, self.implementation),
                                       key_block=self.key_block)
       new_state = KVState(k=sharding.constrain(self, k_all, "kv"),
                           v=sharding.constrain(self, v_all, "kv"))

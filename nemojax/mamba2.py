@@ -139,14 +139,15 @@ class Mamba2Mixer(nnx.Module):
     A = -jnp.exp(self.A_log[...].astype(f32))
     D = self.D[...].astype(f32)
 
+    impl = sharding.kernel_choice(self, self.ssd_implementation)
     if state is not None and t == 1:
       y, ssm = ssd_api.ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D,
-                                implementation=self.ssd_implementation)
+                                implementation=impl)
       y = y[:, None]
     else:
       y, ssm = ssd_api.ssd(x, dt, A, B, C, D,
                            initial_state=None if state is None else state.ssm,
-                           chunk_size=self.chunk_size, implementation=self.ssd_implementation)
+                           chunk_size=self.chunk_size, implementation=impl)
     y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z, out_dtype=dtype)
     out = self.out_proj(y)
     new_state = None if state is None else MambaState(

@@ -366,6 +366,14 @@ def constrain(module, x: jax.Array, kind: str) -> jax.Array:
   return x if layout is None else layout.constrain(x, kind)
 
 
+def kernel_choice(module, implementation: str | None) -> str | None:
+  """A kernel implementation for `module`: on a mesh the automatic choice is "xla", which the
+  partitioner splits (the Pallas kernels are custom calls it cannot see into)."""
+  if implementation is None and layout_of(module) is not None:
+    return "xla"
+  return implementation
+
+
 def shard_model(model, mesh_or_layout, *, rules=None, on_indivisible: str = "replicate"):
   """Places every parameter of `model` into its shards (in place) and returns the model.
 
