@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import functools
 import glob
 import gzip
 import json
@@ -38,15 +37,16 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import nemojax  # noqa: E402
-from nemojax import engine, jit  # noqa: E402
-from nemojax.sampler import Sampler  # noqa: E402
-from nemojax.cache import KVState, MambaState  # noqa: E402
+import nemojax
+from nemojax import engine, jit
+from nemojax import testing as T
+from nemojax.sampler import Sampler
+from nemojax.cache import KVState, MambaState
 
 RESULTS: dict = {}
 ROWS: list[tuple] = []
@@ -78,41 +78,13 @@ def peak_bytes():
 
 # ------------------------------------------------------------------------------------------------
 def random_model(cfg, dtype=jnp.bfloat16):
-  """The 9B-v2 shape with random weights, made one tensor at a time directly in its dtype.
-
-  Like `nemojax.load`, device memory peaks at the weights plus one tensor's temporaries, so the
-  peak measured by `long` is the program's, not the initialiser's (the modules' own initialiser
-  draws float32 first). Values: weights ~ N(0, 1/fan_in), A_log = log U(1, 16), dt_bias ~ N(-3, 1),
-  D and norm scales 1.
-  """
-  abstract = nnx.eval_shape(lambda: nemojax.NemotronH(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  leaves, treedef = jax.tree.flatten_with_path(state)
-
-  @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-  def draw(key, shape, dt, kind):
-    if kind == "A_log":
-      return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dt)
-    if kind == "dt_bias":
-      return (jax.random.normal(key, shape, jnp.float32) - 3.0).astype(dt)
-    if kind == "ones":
-      return jnp.ones(shape, dt)
-    scale = 1.0 / math.sqrt(shape[-1])
-    return (jax.random.normal(key, shape, dt) * jnp.asarray(scale, dt)).astype(dt)
-
-  values = []
-  for i, (path, leaf) in enumerate(leaves):
-    name = jax.tree_util.keystr(path)
-    kind = ("A_log" if "A_log" in name else "dt_bias" if "dt_bias" in name
-            else "ones" if leaf.ndim == 1 else "weight")
-    values.append(jax.block_until_ready(
-        draw(jax.random.key(i), tuple(leaf.shape), jnp.dtype(leaf.dtype), kind)))
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+  """The 9B-v2 shape with random weights (`nemojax.testing.random_model`): device memory peaks at
+  the weights plus one tensor, so the peak measured by `long` is the program's."""
+  return T.random_model(cfg, dtype)
 
 
 def hf_random_model(cfg, dtype_name, device):
   import torch
-  from nemojax import testing as T
   torch.manual_seed(0)
   default = torch.get_default_dtype()
   torch.set_default_dtype(getattr(torch, dtype_name))  # build in the target dtype: no fp32 copy

@@ -21,7 +21,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -288,7 +289,7 @@ def export(nemojax_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
   forced = _forced_hf_dtype(dtype)
   out_dtype = {t.spec.hf_name: forced or t.hf_dtype or hf.DTYPE_NAMES[t.dtype]
                for t in src.tensors}
-  arrays = lambda: ((t.spec, arr) for t, arr in orbax_io.iter_arrays(src))  # noqa: E731
+  arrays = lambda: ((t.spec, arr) for t, arr in orbax_io.iter_arrays(src))
   return _write_hf(hf_dir, src.config, out_dtype, arrays, extra_from=src.path,
                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
                    report=("export", src.path, t0))

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 class Interrupted(KeyboardInterrupt):

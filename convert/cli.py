@@ -7,6 +7,7 @@ stderr and exit with status 1; usage errors exit with 2 (argparse).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -105,14 +106,17 @@ def register(subparsers) -> None:
 
 
 def _cpu_only() -> None:
-  """Conversion needs no accelerator; do not let JAX grab (most of) a GPU's memory for it."""
+  """Conversion needs no accelerator; do not let JAX grab (most of) a GPU's memory for it.
+
+  `jax_platforms` is read once, when JAX first initializes its backends (jax 0.10, 0.11, 0.12),
+  so an in-process caller whose backends already exist keeps them: no private "are backends
+  initialized" check is needed.
+  """
   if "JAX_PLATFORMS" in os.environ:
     return
   try:
     import jax  # noqa: PLC0415
-    from jax._src import xla_bridge  # noqa: PLC0415  (no public way to ask)
-    if not xla_bridge.backends_are_initialized():  # in-process callers keep what they have
-      jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_platforms", "cpu")
   except Exception:  # noqa: BLE001  (an optimisation only)
     pass
 
@@ -124,10 +128,8 @@ def _terminate(signum, frame):
 def _run(prog: str, fn) -> int:
   from nemojax.config import CheckpointError, ConfigError  # noqa: PLC0415
   previous = None
-  try:
+  with contextlib.suppress(ValueError):  # not the main thread: no handler to install
     previous = signal.signal(signal.SIGTERM, _terminate)
-  except ValueError:  # not the main thread
-    pass
   try:
     report = fn()
   except (CheckpointError, ConfigError, ValueError, OSError) as e:

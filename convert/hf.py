@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors' numpy backend)
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -29,7 +29,8 @@ from nemojax.convert.names import TensorSpec, is_ignored, tensor_specs
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+_FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16,
+                 "F64": np.float64}
 # safetensors dtype string <-> NumPy dtype, for the float dtypes a Nemotron-H checkpoint may hold.
 DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in _FLOAT_DTYPES.items()}
 DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -99,7 +100,7 @@ def _open(file: str):
     return safe_open(file, framework="np")
   except FileNotFoundError:
     raise CheckpointError(f"{file}: shard file is missing") from None
-  except Exception as e:  # safetensors raises its own error types for bad headers
+  except Exception as e:  # noqa: BLE001  (safetensors raises its own types for bad headers)
     size = os.path.getsize(file) if os.path.exists(file) else "?"
     raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes): {e}") from None
 
@@ -242,7 +243,7 @@ def iter_tensors(ckpt: HFCheckpoint, *, digests: dict[str, str] | None = None,
       hasher.close()
 
 
-def _read_shard(file: str, infos: list[TensorInfo], hasher: "_BackgroundHash | None",
+def _read_shard(file: str, infos: list[TensorInfo], hasher: _BackgroundHash | None,
                 before_read: Callable[[TensorInfo], None] | None
                 ) -> Iterator[tuple[TensorInfo, np.ndarray]]:
   with open(file, "rb", buffering=0) as f:

@@ -20,7 +20,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 

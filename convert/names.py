@@ -17,7 +17,8 @@ nemojax (nor by transformers 5.17) and are skipped (`is_ignored`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def is_ignored(hf_name: str) -> bool:
   return hf_name.startswith(IGNORED_PREFIXES)
 
 
-def is_stacked(spec: "TensorSpec") -> bool:
+def is_stacked(spec: TensorSpec) -> bool:
   """Whether `spec` fills one slice (`spec.path[-1]`) of a stacked parameter (`spec.path[:-1]`)."""
   return isinstance(spec.path[-1], int)
 

@@ -27,7 +27,8 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -207,7 +208,7 @@ class PartWriter:
     finally:
       self._ckptr.close()
 
-  def __enter__(self) -> "PartWriter":
+  def __enter__(self) -> PartWriter:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -248,7 +249,7 @@ def write_manifest(out_dir: str, *, config: NemotronHConfig, dtype: str, source:
 
 def _pretty(obj, indent: str = "") -> str:
   """JSON with one line per flat record (a tensor, a file) instead of one line per number."""
-  flat = lambda v: not isinstance(v, (dict, list)) or (  # noqa: E731
+  flat = lambda v: not isinstance(v, (dict, list)) or (
       isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v))
   if isinstance(obj, dict) and not all(flat(v) for v in obj.values()):
     inner = indent + " "
@@ -356,7 +357,7 @@ def _read_manifest(path: str, man_path: str) -> dict:
 
 
 def np_dtype(name: str) -> np.dtype:
-  import ml_dtypes  # noqa: PLC0415, F401  (registers bfloat16 with NumPy)
+  import ml_dtypes  # noqa: PLC0415  (registers bfloat16 with NumPy)
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -371,7 +372,7 @@ def _check_part(ckptr, ckpt: NemojaxCheckpoint, part: str) -> None:
     raise CheckpointError(f"{d}: missing part directory (listed in {MANIFEST})")
   try:
     md = ckptr.metadata(d)
-  except Exception as e:  # orbax raises assorted types for unreadable metadata
+  except Exception as e:  # noqa: BLE001  (orbax raises assorted types for bad metadata)
     raise CheckpointError(f"{d}: unreadable orbax metadata ({type(e).__name__}: "
                           f"{_first_line(e)})") from None
   md = getattr(md, "item_metadata", md)  # StepMetadata in newer orbax, the tree in older
@@ -400,7 +401,7 @@ def _leaves(tree) -> Iterator[Any]:
 def _restore(ckptr, d: str, target: dict) -> dict:
   try:
     return ckptr.restore(d, target)
-  except Exception as e:
+  except Exception as e:  # noqa: BLE001  (TensorStore's errors: cut to one line that names d)
     raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {_first_line(e)})") from None
 
 
@@ -438,7 +439,7 @@ def iter_arrays(ckpt: NemojaxCheckpoint,
   """
   import jax  # noqa: PLC0415
   if target is None:
-    target = lambda t: jax.ShapeDtypeStruct(t.spec.shape, t.dtype)  # noqa: E731
+    target = lambda t: jax.ShapeDtypeStruct(t.spec.shape, t.dtype)
   ckptr = _orbax().StandardCheckpointer()
   try:
     for part in ckpt.parts:

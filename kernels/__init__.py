@@ -1,1 +1,2 @@
-"""Kernels of nemojax: one folder per op, each with a pure-JAX reference and an `api.py` dispatcher."""
+"""Kernels of nemojax: one folder per op, each with a pure-JAX reference and an `api.py`
+dispatcher."""

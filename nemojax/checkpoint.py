@@ -9,7 +9,8 @@ pairs, checked for damage and NaN/Inf; this module is the only one that assemble
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp

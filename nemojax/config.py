@@ -16,7 +16,8 @@ import enum
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 
 class LayerType(enum.Enum):
@@ -163,7 +164,7 @@ class NemotronHConfig:
   pad_token_id: int | None = 0
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
-  expand: int = 2  # Present in HF configs; unused (the inner width is mamba_num_heads * mamba_head_dim).
+  expand: int = 2  # In HF configs; unused (the inner width is mamba_num_heads * mamba_head_dim).
   # Mixture of experts ('E' layers); defaults are transformers' NemotronHConfig defaults.
   n_routed_experts: int = 8
   n_shared_experts: int = 1
@@ -201,7 +202,8 @@ class NemotronHConfig:
          f"has {len(pattern)} letters but num_hidden_layers is {self.num_hidden_layers}")
     if LayerType.MAMBA.value in pattern:
       need(self.mamba_num_heads % self.n_groups == 0, "n_groups",
-           f"mamba_num_heads ({self.mamba_num_heads}) must be divisible by n_groups ({self.n_groups})")
+           f"mamba_num_heads ({self.mamba_num_heads}) must be divisible by n_groups "
+           f"({self.n_groups})")
       need(self.conv_kernel >= 1, "conv_kernel", "must be >= 1")
       need(self.mamba_hidden_act == "silu", "mamba_hidden_act",
            f"only 'silu' is supported, got {self.mamba_hidden_act!r}")
@@ -339,7 +341,7 @@ class NemotronHConfig:
   # HF interop
   # ----------------------------------------------------------------------------------------------
   @classmethod
-  def from_hf_config(cls, cfg: Mapping[str, Any], *, source: str = "config") -> "NemotronHConfig":
+  def from_hf_config(cls, cfg: Mapping[str, Any], *, source: str = "config") -> NemotronHConfig:
     """Builds a config from an HF `config.json` dict; accepts both generations of key names.
 
     Unknown keys are ignored (HF configs carry many that do not affect inference). `source` names
@@ -386,13 +388,14 @@ class NemotronHConfig:
       raise ConfigError(f"{source}: {e}") from None
 
   @classmethod
-  def from_json_file(cls, path: str | os.PathLike) -> "NemotronHConfig":
+  def from_json_file(cls, path: str | os.PathLike) -> NemotronHConfig:
     path = os.fspath(path)
     try:
       with open(path) as f:
         data = json.load(f)
     except FileNotFoundError:
-      raise ConfigError(f"{path}: no such file (a Nemotron-H checkpoint needs config.json)") from None
+      raise ConfigError(
+          f"{path}: no such file (a Nemotron-H checkpoint needs config.json)") from None
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return cls.from_hf_config(data, source=path)
@@ -413,19 +416,19 @@ class NemotronHConfig:
                             for v in self.time_step_limit]
     return d
 
-  def replace(self, **kw) -> "NemotronHConfig":
+  def replace(self, **kw) -> NemotronHConfig:
     return dataclasses.replace(self, **kw)
 
   # ----------------------------------------------------------------------------------------------
   # Presets
   # ----------------------------------------------------------------------------------------------
   @classmethod
-  def nano_9b_v2(cls) -> "NemotronHConfig":
+  def nano_9b_v2(cls) -> NemotronHConfig:
     """NVIDIA-Nemotron-Nano-9B-v2 (56 layers, 8,888,227,328 parameters)."""
     return cls()
 
   @classmethod
-  def nano_12b_v2_base(cls) -> "NemotronHConfig":
+  def nano_12b_v2_base(cls) -> NemotronHConfig:
     """NVIDIA-Nemotron-Nano-12B-v2-Base (62 layers)."""
     return cls(
         hidden_size=5120,
@@ -439,7 +442,7 @@ class NemotronHConfig:
     )
 
   @classmethod
-  def nemotron_h_8b(cls) -> "NemotronHConfig":
+  def nemotron_h_8b(cls) -> NemotronHConfig:
     """Nemotron-H-8B (52 layers, Mamba head dim 64)."""
     return cls(
         hidden_size=4096,
@@ -454,7 +457,7 @@ class NemotronHConfig:
     )
 
   @classmethod
-  def nemotron_3_nano_30b_a3b(cls) -> "NemotronHConfig":
+  def nemotron_3_nano_30b_a3b(cls) -> NemotronHConfig:
     """NVIDIA-Nemotron-3-Nano-30B-A3B: 52 layers (23 Mamba-2, 23 MoE, 6 attention), 128 routed
     experts + 1 shared, top-6; 31,577,937,344 parameters, 3,580,073,408 active.
 
@@ -485,7 +488,7 @@ class NemotronHConfig:
     )
 
   @classmethod
-  def nemotron_3_super_120b_a12b(cls) -> "NemotronHConfig":
+  def nemotron_3_super_120b_a12b(cls) -> NemotronHConfig:
     """NVIDIA-Nemotron-3-Super-120B-A12B: 88 layers (40 Mamba-2, 40 LatentMoE, 8 attention), 512
     routed experts in a 1024-wide latent space + 1 shared, top-22; 120,668,687,360 parameters,
     12,770,216,960 active.
@@ -520,7 +523,7 @@ class NemotronHConfig:
     )
 
   @classmethod
-  def tiny(cls, **overrides) -> "NemotronHConfig":
+  def tiny(cls, **overrides) -> NemotronHConfig:
     """A few-hundred-thousand-parameter model with all three layer types, for tests.
 
     Head dim and state size are deliberately not powers of two.

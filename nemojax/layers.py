@@ -32,7 +32,8 @@ class Linear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs,
                init_std: float = 0.02):
     self.weight = nnx.Param(
-        (init_std * jax.random.normal(rngs.params(), (out_features, in_features), f32)).astype(dtype))
+        (init_std * jax.random.normal(rngs.params(), (out_features, in_features), f32)
+         ).astype(dtype))
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     return matmul(x, self.weight[...], out_dtype)

@@ -90,7 +90,7 @@ class Mamba2Mixer(nnx.Module):
                  + math.log(c.time_step_min))
     dt = jnp.maximum(dt, c.time_step_floor)
     # Storage dtypes from the one policy (config.keeps_float32): these three stay float32.
-    keep = lambda name: f32 if keeps_float32(name) else dtype  # noqa: E731
+    keep = lambda name: f32 if keeps_float32(name) else dtype
     self.dt_bias = nnx.Param(_inverse_softplus(dt).astype(keep("dt_bias")))
     self.A_log = nnx.Param(jnp.log(jnp.arange(1, c.mamba_num_heads + 1, dtype=f32))
                            .astype(keep("A_log")))

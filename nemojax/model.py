@@ -91,10 +91,12 @@ class NemotronH(nnx.Module):
 
   # ----------------------------------------------------------------------------------------------
   def hidden_states(self, input_ids: jax.Array, *, cache: Cache | None = None,
-                    start: jax.Array | None = None):
+                    start: jax.Array | None = None, remat=None):
     """Final-normed hidden states [b, t, D] (and the new cache when `cache` is given).
 
     Without a cache, `start` [b] optionally marks left padding (row b's first real token).
+    `remat`, a `jax.checkpoint` policy, runs every block under `jax.checkpoint` with it, so a
+    backward pass keeps only what the policy saves and recomputes the rest block by block.
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -115,7 +117,8 @@ class NemotronH(nnx.Module):
     new_layers = []
     for i, block in enumerate(self.backbone.layers):
       state = None if cache is None else cache.layers[i]
-      x, state = block(x, state=state, start=start, pos=pos, valid=valid if any_pad else None)
+      args = dict(state=state, start=start, pos=pos, valid=valid if any_pad else None)
+      x, state = block(x, **args) if remat is None else _remat_block(block, remat, x, args)
       # Block boundary: batch over data, the residual stream whole on every tensor shard.
       x = sharding.constrain(self, x, "residual")
       new_layers.append(state)
@@ -177,6 +180,15 @@ def _forward_specs(layout, state, input_ids, cache, start):
 
 
 _forward = jit.jit(_forward_fn, out_specs=_forward_specs)
+
+
+def _remat_block(block: Block, policy, x, args):
+  # Blocks are pure functions of their parameters (no state written back), so a plain
+  # jax.checkpoint of split-and-merge does it. nnx.remat (flax 0.12.8) raises TraceContextError
+  # ("Cannot mutate Param from a different trace level") on a LoRA model's frozen base.
+  graphdef, params = nnx.split(block)
+  run = lambda params, x, args: nnx.merge(graphdef, params)(x, **args)
+  return jax.checkpoint(run, policy=policy)(params, x, args)
 
 
 def count_params(model_or_state) -> int:

@@ -149,3 +149,45 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
   import torch  # noqa: PLC0415
   with torch.no_grad():
     return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+def random_model(config: NemotronHConfig, dtype=None, seed: int = 0):
+  """A model with random weights made one tensor at a time, directly in its dtype.
+
+  For benchmarks at real sizes: device memory peaks at the weights plus one tensor's temporaries
+  (the modules' own initialiser draws float32 first). Values keep activations O(1): matrices
+  ~ N(0, 1/fan_in), A_log = log U(1, 16), dt_bias ~ N(-3, 1), other vectors (norm scales, D,
+  biases) 1.
+  """
+  import functools  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from nemojax.model import NemotronH  # noqa: PLC0415
+  dtype = jnp.bfloat16 if dtype is None else dtype
+  abstract = nnx.eval_shape(lambda: NemotronH(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  leaves, treedef = jax.tree.flatten_with_path(state)
+
+  @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+  def draw(key, shape, dt, kind):
+    if kind == "A_log":
+      return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dt)
+    if kind == "dt_bias":
+      return (jax.random.normal(key, shape, jnp.float32) - 3.0).astype(dt)
+    if kind == "ones":
+      return jnp.ones(shape, dt)
+    scale = 1.0 / math.sqrt(shape[-1])
+    return (jax.random.normal(key, shape, dt) * jnp.asarray(scale, dt)).astype(dt)
+
+  base = jax.random.key(seed)
+  values = []
+  for i, (path, leaf) in enumerate(leaves):
+    name = jax.tree_util.keystr(path)
+    kind = ("A_log" if "A_log" in name else "dt_bias" if "dt_bias" in name
+            else "ones" if leaf.ndim == 1 else "weight")
+    values.append(jax.block_until_ready(draw(jax.random.fold_in(base, i), tuple(leaf.shape),
+                                             jnp.dtype(leaf.dtype), kind)))
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))

@@ -1,24 +1,46 @@
-"""Training a Nemotron-H model with optax: masked next-token loss, AdamW, orbax checkpoints.
+"""Training a Nemotron-H model with optax: mixed precision, rematerialisation, a chunked loss,
+gradient accumulation, LoRA and orbax train states.
 
 With tokens x [b, t] and a loss mask m [b, t] (1 where a token is a training target, e.g. the
-assistant's tokens of a chat transcript):
+assistant's tokens of a chat transcript), h = model.hidden_states(x[:, :-1]) [b, t-1, D] and the
+LM head W [V, D]:
 
-    logits = model(x[:, :-1])                                    # [b, t-1, V] float32
-    nll    = −log softmax(logits)[x[:, 1:]]                      # [b, t-1]
-    loss   = Σ m[:, 1:] · nll / max(Σ m[:, 1:], 1)               # mean over target tokens
+    nll  = logsumexp(h · Wᵀ) − (h · Wᵀ)[x[:, 1:]]                 # [b, t-1]
+    loss = Σ m[:, 1:] · nll / max(Σ m[:, 1:], 1)                   # mean over target tokens
+
+computed `loss_chunk_size` tokens at a time (`nemojax.losses`), so the [b, t-1, V] float32 logits
+never exist (2 GiB for 4096 tokens of Nano-9B-v2, and as much again for their gradient).
+
+Mixed precision (`master_weights`, `moment_dtype`): the optimizer keeps a float32 master copy of
+the trained parameters and float32 Adam moments; each step casts the master copy to the dtypes the
+model was built with (bf16 matmul weights; norm scales, A_log, D, dt_bias stay float32), runs the
+forward and backward pass in them, and the transpose of that cast hands float32 gradients back.
+Without master weights a bf16 parameter takes its update rounded to bf16: an update below
+2⁻⁹·|w| is lost, which is most of them at fine-tuning learning rates.
+
+Gradient accumulation (`grad_accum_steps` = k): the batch's b rows are split into k micro-batches
+scanned inside the step; each micro-batch's Σ m·nll is divided by the whole batch's target count,
+so the summed gradient is the full batch's.
+
+Rematerialisation (`remat`): every block runs under `jax.checkpoint` with a policy; "full" keeps
+only the blocks' inputs and recomputes each block in the backward pass, "dots" also keeps the
+outputs of the weight matmuls (the projections), "offload" keeps those in host memory.
+
+LoRA (`nemojax.lora`): `Trainer(model, wrt=nnx.LoRAParam)` trains only the adapters; the base
+weights are constant inputs of the step, never updated, copied or given optimizer state.
 
 The optimizer is AdamW (decoupled weight decay on matrices only: embeddings, projections, conv
 taps; not on norm scales, A_log, D, dt_bias or biases) behind global-norm gradient clipping, with a
 linear warm-up to the peak learning rate followed by a cosine decay.
 
-The jit boundary follows DESIGN point 8: the NNX model is split once into a graph definition and
-its parameter state; the train step is a plain `jax.jit` function of the whole `TrainState`
-(params, optimizer state, step, rng), which it donates, and merges the model inside. The same code
-runs on CPU, GPU and TPU. `Checkpointer` saves and restores that whole state with orbax, so `fit`
-resumes a run exactly where it stopped when its batches are a function of the step number.
+The jit boundary follows DESIGN point 8 (`nemojax.jit`): the NNX model is split once; the train
+step is a plain jitted function of the whole `TrainState` (master params, optimizer state, step,
+rng), which it donates, and merges the model inside. `Checkpointer` saves and restores that whole
+state with orbax, so `fit` resumes a run exactly where it stopped when its batches are a function
+of the step number.
 
 Example:
-  trainer = Trainer(NemotronH(config, dtype=jnp.float32), TrainConfig(total_steps=1000))
+  trainer = Trainer(nemojax.load(path), TrainConfig(total_steps=1000, remat="full"))
   state = trainer.init_state()
   state, history = fit(trainer, state, lambda step: make_batch(step), num_steps=1000,
                        checkpoint_dir="/tmp/run")
@@ -31,7 +53,8 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +65,30 @@ from jax.sharding import PartitionSpec as P
 
 from nemojax import jit, sharding
 from nemojax.convert import integrity
+from nemojax.losses import DEFAULT_LOSS_CHUNK, next_token_loss, weighted_nll
 from nemojax.model import NemotronH
 
 __all__ = [
-    "Checkpointer", "TrainConfig", "TrainState", "Trainer", "fit", "learning_rate_schedule",
-    "make_optimizer", "next_token_loss",
+    "REMAT_POLICIES", "Checkpointer", "TrainConfig", "TrainState", "Trainer", "fit",
+    "learning_rate_schedule", "make_optimizer", "next_token_loss",
 ]
 
 Batch = Mapping[str, Any]  # {"tokens": int [b, t], "mask": optional float/bool [b, t]}
 f32 = jnp.float32
 
+_cp = jax.checkpoint_policies
+# TrainConfig.remat -> the jax.checkpoint policy of every block (None: no rematerialisation).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": _cp.nothing_saveable,
+    "dots": _cp.dots_with_no_batch_dims_saveable,
+    "offload": _cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimizer and schedule hyper-parameters.
+  """Optimizer, schedule, precision and memory settings.
 
   Attributes:
     learning_rate: Peak learning rate, reached after `warmup_steps`.
@@ -66,6 +99,12 @@ class TrainConfig:
     b1, b2, eps: Adam's moment decay rates and epsilon.
     grad_clip_norm: Gradients are rescaled to at most this global norm (None: no clipping).
     seed: Seeds the train state's rng.
+    master_weights: Keep a float32 copy of the trained parameters for the optimizer and cast it
+      to the model's dtypes for each step (False: update the parameters in the model's dtypes).
+    moment_dtype: Adam's moments' dtype ("float32"; None: each parameter's stored dtype).
+    remat: Rematerialisation policy of every block: one of `REMAT_POLICIES`.
+    loss_chunk_size: Tokens per chunk of the fused LM head + cross-entropy (None: full logits).
+    grad_accum_steps: Micro-batches per step; must divide the batch size.
   """
 
   learning_rate: float = 1e-3
@@ -78,6 +117,23 @@ class TrainConfig:
   eps: float = 1e-8
   grad_clip_norm: float | None = 1.0
   seed: int = 0
+  master_weights: bool = True
+  moment_dtype: str | None = "float32"
+  remat: str = "none"
+  loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK
+  grad_accum_steps: int = 1
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"TrainConfig.remat: got {self.remat!r}, expected one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    if self.loss_chunk_size is not None and int(self.loss_chunk_size) <= 0:
+      raise ValueError(f"TrainConfig.loss_chunk_size: got {self.loss_chunk_size}, expected a "
+                       "positive number of tokens or None")
+    if int(self.grad_accum_steps) <= 0:
+      raise ValueError(f"TrainConfig.grad_accum_steps: got {self.grad_accum_steps}, expected >= 1")
+    if self.moment_dtype is not None:
+      jnp.dtype(self.moment_dtype)  # raises TypeError naming an unknown dtype
 
 
 @struct.dataclass
@@ -85,7 +141,7 @@ class TrainState:
   """Everything a run needs to continue: saved and restored whole by `Checkpointer`."""
 
   step: jax.Array  # [] int32: optimizer steps taken
-  params: nnx.State  # the model's nnx.Param state
+  params: nnx.State  # the trained parameters (the float32 master copy with `master_weights`)
   opt_state: optax.OptState
   rng: jax.Array  # [2] uint32: split once per step, for stochastic losses
 
@@ -125,46 +181,74 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
 
 
-def next_token_loss(logits: jax.Array, tokens: jax.Array,
-                    mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Mean next-token cross-entropy over the masked targets.
+def _cast(tree, dtypes):
+  """Each leaf cast to its dtype in `dtypes` (a tree of dtypes, or one dtype for every float)."""
+  if dtypes is None:
+    return tree
+  if not isinstance(dtypes, (nnx.State, dict)):
+    return jax.tree.map(
+        lambda x: x.astype(dtypes) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  return jax.tree.map(lambda x, d: x.astype(d), tree, dtypes)
 
-  Args:
-    logits: [b, t-1, V] logits of `tokens[:, :-1]`.
-    tokens: [b, t] token ids.
-    mask: [b, t] weights; position i counts as the target of position i-1 when mask[:, i] > 0.
-      None: every next token counts.
 
-  Returns:
-    (loss, number of target tokens), both float32 scalars.
-  """
+def _weighted_loss(params, graph: jit.Graph, rest, tokens, weights, *, plan):
+  """Σ weights · nll of the model with `params` (weights already divided by the target count)."""
+  model = graph.merge(_cast(params, plan.compute_dtypes), rest)
+  hidden = model.hidden_states(tokens[:, :-1], remat=REMAT_POLICIES[plan.config.remat])
   targets = tokens[:, 1:]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(f32), targets)  # [b, t-1]
-  weights = jnp.ones_like(nll) if mask is None else jnp.asarray(mask[:, 1:], f32)
+  if plan.config.loss_chunk_size is None:
+    logits = model.logits(hidden)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(nll * weights)
+  return weighted_nll(hidden, model.lm_head.weight[...], targets, weights,
+                      int(plan.config.loss_chunk_size))
+
+
+def _loss_and_grads(params, graph: jit.Graph, rest, batch: Batch, *, plan):
+  """(mean loss, target count) and the gradient, over `grad_accum_steps` micro-batches."""
+  tokens = jnp.asarray(batch["tokens"])
+  mask = batch.get("mask")
+  weights = (jnp.ones(tokens[:, 1:].shape, f32) if mask is None
+             else jnp.asarray(mask, f32)[:, 1:])
   count = weights.sum()
-  return (nll * weights).sum() / jnp.maximum(count, 1.0), count
+  weights = weights / jnp.maximum(count, 1.0)
+  grad_fn = jax.value_and_grad(functools.partial(_weighted_loss, plan=plan))
+  k = int(plan.config.grad_accum_steps)
+  if k == 1:
+    loss, grads = grad_fn(params, graph, rest, tokens, weights)
+    return loss, count, grads
+
+  def micro(carry, xs):
+    loss, grads = grad_fn(params, graph, rest, *xs)
+    acc_loss, acc = carry
+    return (acc_loss + loss, jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)), None
+
+  split = lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:])
+  # Accumulate in float32 whatever the parameters' dtype: k bf16 partial sums would round k times.
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, f32)), params)
+  (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), f32), zeros),
+                                  (split(tokens), split(weights)))
+  return loss, count, grads
 
 
-def _loss(params, graph: jit.Graph, rest, batch):
-  model = graph.merge(params, rest)
-  tokens = batch["tokens"]
-  logits = model(tokens[:, :-1])
-  return next_token_loss(logits, tokens, batch.get("mask"))
-
-
-def _train_step(graph: jit.Graph, state: TrainState, rest: nnx.State, batch: Batch, *,
-                optimizer: optax.GradientTransformation):
-  (loss, count), grads = jax.value_and_grad(_loss, has_aux=True)(
-      state.params, graph, rest, batch)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+def _train_step(graph: jit.Graph, state: TrainState, rest: nnx.State, batch: Batch, *, plan):
+  loss, count, grads = _loss_and_grads(state.params, graph, rest, batch, plan=plan)
+  moment_dtype = plan.config.moment_dtype
+  updates, opt_state = plan.optimizer.update(
+      _cast(grads, moment_dtype), state.opt_state, _cast(state.params, moment_dtype))
+  params = optax.apply_updates(state.params, updates)  # p + u formed in float32, then cast
   rng, _ = jax.random.split(state.rng)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": count}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-def _eval_loss(graph: jit.Graph, params, rest, batch):
-  return _loss(params, graph, rest, batch)[0]
+def _eval_loss(graph: jit.Graph, params, rest, batch, *, plan):
+  tokens = jnp.asarray(batch["tokens"])
+  mask = batch.get("mask")
+  weights = (jnp.ones(tokens[:, 1:].shape, f32) if mask is None
+             else jnp.asarray(mask, f32)[:, 1:])
+  return _weighted_loss(params, graph, rest, tokens, weights / jnp.maximum(weights.sum(), 1.0),
+                        plan=plan)
 
 
 def _committed(tree, layout=None):
@@ -177,27 +261,47 @@ def _committed(tree, layout=None):
       lambda x: x if getattr(x, "committed", False) else jax.device_put(x, device), tree)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+  # Static structure closed over by the jitted step (no arrays): hashed by identity.
+  config: TrainConfig
+  optimizer: optax.GradientTransformation
+  compute_dtypes: Any  # tree of the model's own dtypes, or None without master weights
+
+
 class Trainer:
   """A jitted train step for one model structure and optimizer.
 
   Args:
-    model: The model to train; its current parameters seed `init_state`. Train in float32 on CPU
-      (build it with ``dtype=jnp.float32``); bf16 weights train poorly with AdamW's small updates.
-    config: Optimizer and schedule settings.
+    model: The model to train; its current parameters seed `init_state`. A bf16 model trains
+      with float32 master weights and moments by default (`TrainConfig.master_weights`).
+    config: Optimizer, schedule, precision and memory settings.
+    wrt: Which parameters train (an NNX filter): `nnx.Param` for all of them, `nnx.LoRAParam`
+      for the adapters of `nemojax.lora.apply_lora` only. The others are constant inputs.
+
+  Raises:
+    ValueError: `wrt` selects no parameter of `model`.
   """
 
-  def __init__(self, model: NemotronH, config: TrainConfig = TrainConfig()):
+  def __init__(self, model: NemotronH, config: TrainConfig = TrainConfig(), *,
+               wrt: Any = nnx.Param):
     self.config = config
-    self.graph, self._params, self._rest = jit.split(model, nnx.Param, ...)
+    self.graph, params, self._rest = jit.split(model, wrt, ...)
+    if not jax.tree.leaves(params):
+      raise ValueError(f"Trainer: wrt={wrt!r} selects no parameter of the model (for LoRA, call "
+                       "nemojax.lora.apply_lora first)")
+    compute_dtypes = jax.tree.map(lambda x: x.dtype, params) if config.master_weights else None
+    self._params = _cast(params, f32 if config.master_weights else None)
     self.optimizer = make_optimizer(config)
     self.schedule = learning_rate_schedule(config)
-    # The optimizer is static structure (functions, no arrays), so closing over it is safe; the
-    # params and any non-parameter state (none in NemotronH) are arguments.
-    # On an Explicit mesh the new state keeps the old one's shardings; metrics are replicated.
-    self._step = jit.jit(functools.partial(_train_step, optimizer=self.optimizer),
-                         donate_argnums=(1,),
+    self._plan = _Plan(config, self.optimizer, compute_dtypes)
+    # The plan is static structure (functions and dtypes, no arrays), so closing over it is
+    # safe; the params and the frozen rest of the model are arguments. On an Explicit mesh the
+    # new state keeps the old one's shardings and the metrics are replicated.
+    self._step = jit.jit(functools.partial(_train_step, plan=self._plan), donate_argnums=(1,),
                          out_specs=lambda layout, state, *_: (sharding.same_specs(state), P()))
-    self._eval = jit.jit(_eval_loss, out_specs=lambda *_: P())
+    self._eval = jit.jit(functools.partial(_eval_loss, plan=self._plan),
+                         out_specs=lambda *_: P())
 
   def init_state(self, seed: int | None = None) -> TrainState:
     """A fresh state from the model's parameters (copied: later steps donate their buffers)."""
@@ -206,8 +310,9 @@ class Trainer:
   def _fresh_state(self, seed: int | None = None) -> TrainState:
     params = jax.tree.map(jnp.copy, self._params)
     seed = self.config.seed if seed is None else seed
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed))
+    opt_state = self.optimizer.init(_cast(params, self.config.moment_dtype))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      rng=jax.random.PRNGKey(seed))
 
   def abstract_state(self) -> TrainState:
     """Shapes and dtypes of a train state, for restoring a checkpoint without allocating.
@@ -228,7 +333,15 @@ class Trainer:
     Returns:
       The new state and metrics: ``loss`` (before the update), ``grad_norm`` (before clipping)
       and ``target_tokens``.
+
+    Raises:
+      ValueError: `grad_accum_steps` does not divide the batch size.
     """
+    rows = np.shape(batch["tokens"])[0]
+    k = int(self.config.grad_accum_steps)
+    if rows % k:
+      raise ValueError(f"batch['tokens'] has {rows} rows, not a multiple of "
+                       f"TrainConfig.grad_accum_steps={k}")
     return self._step(self.graph, state, self._rest, batch)
 
   def evaluate(self, params: nnx.State, batch: Batch) -> jax.Array:
@@ -236,9 +349,9 @@ class Trainer:
     return self._eval(self.graph, params, self._rest, batch)
 
   def model(self, state_or_params: TrainState | nnx.State) -> NemotronH:
-    """The model with the given parameters (shares their buffers)."""
+    """The model with the given parameters, in the dtypes it was built with."""
     params = state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
-    return self.graph.merge(params, self._rest)
+    return self.graph.merge(_cast(params, self._plan.compute_dtypes), self._rest)
 
 
 class Checkpointer:

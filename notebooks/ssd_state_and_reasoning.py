@@ -85,7 +85,8 @@ for ctx in (1024, 8192, 131072):
            if isinstance(layer, KVState) for x in jax.tree.leaves(layer))
   print(f"context {ctx:6d}: Mamba states {mamba / 2**20:8.2f} MiB, KV cache {kv / 2**20:8.2f} MiB")
 nano = nemojax.NemotronHConfig.nano_9b_v2()
-print(f"Nano-9B-v2 at 128k, batch 1: {cache_bytes(nano, 1, 131072) / 2**30:.2f} GiB of decode state")
+state_gib = cache_bytes(nano, 1, 131072) / 2**30
+print(f"Nano-9B-v2 at 128k, batch 1: {state_gib:.2f} GiB of decode state")
 
 # %% [markdown]
 # How much of the SSM state does one new token change? Prefill a prompt, then step once.

@@ -16,13 +16,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):
   # `gpu` tests compile the Mosaic GPU kernels, which need Hopper or newer: on a CPU or an older
   # GPU they skip, never fail.
-  from nemojax.kernels import platform  # noqa: PLC0415  (after XLA_FLAGS is set)
+  from nemojax.kernels import platform
   if platform.mosaic_gpu_available():
     return
   skip = pytest.mark.skip(reason="needs an NVIDIA GPU of compute capability >= 9.0 (Hopper)")

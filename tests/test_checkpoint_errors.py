@@ -183,7 +183,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_checkpoint_error_is_one_type():
   """Raised by the readers, exported at the top level, importable from its old place."""
-  from nemojax.convert.hf import CheckpointError as Old  # noqa: PLC0415
+  from nemojax.convert.hf import CheckpointError as Old
   assert nemojax.CheckpointError is CheckpointError is Old
   assert issubclass(CheckpointError, ValueError)
 
@@ -242,7 +242,8 @@ def test_bad_nemojax_dir(dirs, tmp_path):
   man["format_version"] = 1
   write(man)
   shutil.rmtree(out / "params" / man["parts"][0])
-  with pytest.raises(CheckpointError, match=r"part-00000/\S+: missing \(listed in .*nemojax.json\)"):
+  missing = r"part-00000/\S+: missing \(listed in .*nemojax.json\)"
+  with pytest.raises(CheckpointError, match=missing):
     nemojax.load(out)
 
 

@@ -13,7 +13,8 @@ from nemojax.model import count_params
 def test_presets_layer_counts():
   c = NemotronHConfig.nano_9b_v2()
   counts = c.num_layers_of
-  assert (counts[LayerType.MAMBA], counts[LayerType.ATTENTION], counts[LayerType.MLP]) == (27, 4, 25)
+  M, A, F = LayerType.MAMBA, LayerType.ATTENTION, LayerType.MLP
+  assert (counts[M], counts[A], counts[F]) == (27, 4, 25)
   assert [i for i, t in enumerate(c.layer_types) if t is LayerType.ATTENTION] == [14, 21, 30, 39]
   assert c.d_inner == 10240 and c.conv_dim == 10240 + 2 * 8 * 128
   assert c.num_params() == 8_888_227_328
@@ -37,12 +38,14 @@ def test_eval_shape_param_count(preset):
 def test_nemotron_3_presets_layer_counts_and_active_params():
   nano = NemotronHConfig.nemotron_3_nano_30b_a3b()
   counts = nano.num_layers_of
-  assert (counts[LayerType.MAMBA], counts[LayerType.MOE], counts[LayerType.ATTENTION]) == (23, 23, 6)
+  M, E, A = LayerType.MAMBA, LayerType.MOE, LayerType.ATTENTION
+  assert (counts[M], counts[E], counts[A]) == (23, 23, 6)
   assert (nano.n_routed_experts, nano.num_experts_per_tok, nano.moe_latent_size) == (128, 6, None)
   assert nano.num_params() == 31_577_937_344 and nano.num_params(active=True) == 3_580_073_408
   sup = NemotronHConfig.nemotron_3_super_120b_a12b()
   counts = sup.num_layers_of
-  assert (counts[LayerType.MAMBA], counts[LayerType.MOE], counts[LayerType.ATTENTION]) == (40, 40, 8)
+  M, E, A = LayerType.MAMBA, LayerType.MOE, LayerType.ATTENTION
+  assert (counts[M], counts[E], counts[A]) == (40, 40, 8)
   assert (sup.n_routed_experts, sup.num_experts_per_tok, sup.moe_expert_dim) == (512, 22, 1024)
   assert sup.num_params() == 120_668_687_360 and sup.num_params(active=True) == 12_770_216_960
   # without MoE layers, active == total
@@ -76,7 +79,8 @@ def test_from_hf_config_reads_hf_infinity():
 
 def test_pattern_of_wrong_length_is_named():
   cfg = dict(NemotronHConfig.tiny().to_hf_config(), num_hidden_layers=7)
-  with pytest.raises(ConfigError, match="hybrid_override_pattern.*6 letters.*num_hidden_layers is 7"):
+  msg = "hybrid_override_pattern.*6 letters.*num_hidden_layers is 7"
+  with pytest.raises(ConfigError, match=msg):
     NemotronHConfig.from_hf_config(cfg, source="my/config.json")
   with pytest.raises(ConfigError, match="my/config.json"):
     NemotronHConfig.from_hf_config(cfg, source="my/config.json")

@@ -109,7 +109,7 @@ def test_round_trip_fp32(ref, kind, tmp_path, capsys):
   assert _tensors(back) == _tensors(src)
   assert (back / "model.safetensors.index.json").is_file() and (back / "tokenizer.json").is_file()
   assert (back / "additional_chat_templates" / "tool_use.jinja").is_file()
-  from transformers import AutoModelForCausalLM  # noqa: PLC0415
+  from transformers import AutoModelForCausalLM
   again = AutoModelForCausalLM.from_pretrained(back).float().eval()
   T.unclamp_dt_(again)
   np.testing.assert_array_equal(T.hf_logits(again, ids), want)
@@ -145,7 +145,7 @@ def test_fp32_to_bf16_is_reported_as_lossy(ref, tmp_path, capsys):
 
 
 def _params(model):
-  from flax import nnx  # noqa: PLC0415
+  from flax import nnx
   return jax.tree.leaves_with_path(nnx.to_pure_dict(nnx.state(model)))
 
 
@@ -227,7 +227,7 @@ def test_help_documents_every_option(command, capsys):
     nemojax_main([command, "--help"])
   assert e.value.code == 0
   text = " ".join(capsys.readouterr().out.split())
-  import argparse  # noqa: PLC0415
+  import argparse
   parser = argparse.ArgumentParser()
   sub = parser.add_subparsers()
   cli.register(sub)
@@ -250,7 +250,7 @@ def test_python_m_nemojax_convert_help():
 
 
 def test_max_shard_size_parsing():
-  from nemojax.convert.safetensors_out import parse_size  # noqa: PLC0415
+  from nemojax.convert.safetensors_out import parse_size
   assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
   assert parse_size("20KB") == 20_000 and parse_size(123) == 123
   assert parse_size("1.5MB") == 1_500_000

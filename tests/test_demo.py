@@ -158,7 +158,7 @@ def test_demo_model_ships_as_small_hf_directory(model):
   for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
     assert (path / name).is_file(), name
   assert (path / "model.safetensors").stat().st_size < 4 * 2**20
-  assert set(model.config.layer_types) == set(LayerType)  # Mamba-2, attention and MLP
+  assert set(model.config.layer_types) == {LayerType.MAMBA, LayerType.ATTENTION, LayerType.MLP}
 
 
 def test_reasoning_on_solves_heldout_problems(accuracies, problems):

@@ -91,7 +91,8 @@ def _staging(parent):
 # Recorded hashes
 # --------------------------------------------------------------------------------------------------
 def test_every_written_file_is_recorded(converted):
-  man = json.loads(open(os.path.join(converted, "nemojax.json")).read())
+  with open(os.path.join(converted, "nemojax.json")) as f:
+    man = json.load(f)
   assert sorted(man["written"]) == [f for f in _files(converted) if f != "nemojax.json"]
   assert len(orbax_io.read(converted).parts) > 2
   for rel, rec in man["written"].items():
@@ -176,7 +177,7 @@ def test_verify_cli(converted, tmp_path, capsys):
 # Training checkpoints
 # --------------------------------------------------------------------------------------------------
 def test_training_resume_skips_damaged_and_stray_steps(tmp_path, capsys):
-  from nemojax.train import Checkpointer, TrainConfig, Trainer  # noqa: PLC0415
+  from nemojax.train import Checkpointer, TrainConfig, Trainer
   config = NemotronHConfig.tiny(vocab_size=64, hybrid_override_pattern="M*-")
   trainer = Trainer(NemotronH(config, dtype=jnp.float32, rngs=nnx.Rngs(0),
                               ssd_implementation="xla"), TrainConfig(total_steps=8))

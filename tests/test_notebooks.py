@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom on a tiny model."""
 
-import os
 import pathlib
 import runpy
 

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import nemojax
@@ -28,6 +27,8 @@ def sampler(tiny_model):
 
 @pytest.mark.parametrize("config", [NemotronHConfig.tiny(), ODD], ids=["tiny", "odd"])
 def test_greedy_matches_transformers_generate(config, tmp_path):
+  torch = pytest.importorskip("torch")  # test-only reference; absent on the newest-JAX CI leg
+  pytest.importorskip("transformers")
   hf = T.make_hf_model(config, seed=21)
   model = nemojax.load(T.save_hf(hf, tmp_path), dtype=jnp.float32)
   prompts = np.random.default_rng(1).integers(3, config.vocab_size, (2, 11))

@@ -12,24 +12,40 @@ Rules, in order (`resolve_implementation`):
   2. No `num_keys` (a full forward over the call's own keys, the training path): XLA, since the
      kernel is inference only (no gradient).
   3. An explicit `implementation`; else the kernel on a GPU that compiles it for these shapes.
-  4. If the kernel module cannot be imported on this JAX, XLA: the model never fails for it.
+  4. If the kernel module cannot be imported on this JAX, or (rule 3 without an implementation)
+     its compiled body does not trace, XLA with one warning: the model never fails for it.
 """
 
 from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
 
 from nemojax.kernels import platform
 from nemojax.kernels.attention import reference
 
 IMPLEMENTATIONS = ("xla", "pallas")
+_KERNEL = "attention.pallas_mosaic_gpu"
 
 
 def _pallas_module():
-  """The kernel module, or None where this JAX cannot import it (the one place that decides)."""
-  try:
-    from nemojax.kernels.attention import pallas_mosaic_gpu  # noqa: PLC0415
-  except (ImportError, AttributeError):
-    return None
-  return pallas_mosaic_gpu
+  """The kernel module, or None where this JAX cannot import it (the one place that decides).
+
+  Any exception counts (a moved Pallas API fails in the module body), said once in a warning.
+  """
+  return platform.kernel_module(_KERNEL)
+
+
+def _kernel_traces(head_dim: int, dtype) -> bool:
+  """Whether the compiled kernel traces for this head size on this JAX (one tile, one block)."""
+  S = jax.ShapeDtypeStruct
+  mod = _pallas_module()
+  q, kv = S((1, 64, 1, head_dim), dtype), S((1, 1, mod.DEFAULT_CONFIG.block_k, head_dim), dtype)
+  i, start = S((), jnp.int32), S((1,), jnp.int32)
+  kernel = functools.partial(mod.attention, interpret=False)
+  return platform.traces(_KERNEL, kernel, q, kv, kv, i, start, i)
 
 
 def supports(*, head_dim: int, cache_len: int, dtype) -> bool:
@@ -58,7 +74,8 @@ def resolve_implementation(implementation: str | None, *, num_queries: int, head
   if implementation == "pallas":
     return "pallas" if _pallas_module() is not None else "xla"
   if implementation is None and platform.mosaic_gpu_available() and supports(
-      head_dim=head_dim, cache_len=cache_len, dtype=dtype):
+      head_dim=head_dim, cache_len=cache_len, dtype=dtype) and _kernel_traces(
+          head_dim, jnp.dtype(dtype)):  # a kernel that fails to trace here: XLA, said once
     return "pallas"
   return "xla"
 

@@ -12,18 +12,32 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+
 from nemojax.kernels import platform
 from nemojax.kernels.ssd import reference
 
 IMPLEMENTATIONS = ("xla", "pallas", "naive")
 
 
+_KERNEL = "ssd.pallas_mosaic_gpu"
+
+
 def _pallas_module():
-  try:
-    from nemojax.kernels.ssd import pallas_mosaic_gpu
-  except ImportError:
-    return None
-  return pallas_mosaic_gpu
+  return platform.kernel_module(_KERNEL)  # None, with one warning, if it fails on this JAX
+
+
+def _kernel_traces(head_dim: int, state_size: int, chunk_size: int, dtype) -> bool:
+  """Whether the compiled kernel traces at these sizes on this JAX (one block, one head; once)."""
+  S = jax.ShapeDtypeStruct
+  x = S((1, chunk_size, 1, head_dim), dtype)
+  dt, A = S((1, chunk_size, 1), jnp.float32), S((1,), jnp.float32)
+  bc = S((1, chunk_size, 1, state_size), dtype)
+  kernel = functools.partial(_pallas_module().ssd, chunk_size=chunk_size, interpret=False)
+  return platform.traces(_KERNEL, kernel, x, dt, A, bc, bc)
 
 
 def resolve_implementation(implementation: str | None, **shape_info) -> str:
@@ -35,7 +49,8 @@ def resolve_implementation(implementation: str | None, **shape_info) -> str:
     return implementation
   if platform.mosaic_gpu_available():
     mod = _pallas_module()
-    if mod is not None and mod.supports(**shape_info):
+    if (mod is not None and mod.supports(**shape_info)
+        and _kernel_traces(**{**shape_info, "dtype": jnp.dtype(shape_info["dtype"])})):
       return "pallas"
   return "xla"
 
@@ -53,11 +68,9 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 128,
     return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
   if impl == "naive":
     return reference.ssd_naive(x, dt, A, B, C, D, initial_state)
-  mod = _pallas_module()
-  if mod is None:
-    raise NotImplementedError("ssd: the Pallas Mosaic GPU kernel is not available in this build")
-  return mod.ssd(x, dt, A, B, C, D, initial_state=initial_state, chunk_size=chunk_size,
-                 interpret=not platform.mosaic_gpu_available())
+  from nemojax.kernels.ssd import pallas_mosaic_gpu  # noqa: PLC0415  (chosen: errors surface)
+  return pallas_mosaic_gpu.ssd(x, dt, A, B, C, D, initial_state=initial_state,
+                               chunk_size=chunk_size, interpret=not platform.mosaic_gpu_available())
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, implementation: str | None = None):

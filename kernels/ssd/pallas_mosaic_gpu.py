@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -128,14 +127,6 @@ def supports(*, head_dim: int, state_size: int, chunk_size: int, dtype,
 # The few operations that differ between the compiled kernel and the interpreter.
 
 
-def _new_load_api() -> bool:
-  # jax 0.11 takes the index inside the ref (`ref.at[...]`) and deprecates the positional `idx`.
-  return inspect.signature(plgpu.load).parameters["idx"].default is not inspect.Parameter.empty
-
-
-_LOAD_NEW = _new_load_api()
-
-
 @dataclasses.dataclass(frozen=True)
 class _Ops:
   interpret: bool
@@ -144,9 +135,7 @@ class _Ops:
     """Read a whole ref into registers with a wgmma-compatible layout."""
     if self.interpret:
       return ref[...]
-    if _LOAD_NEW:
-      return plgpu.load(ref, layout=layout)
-    return plgpu.load(ref, (), layout=layout)
+    return platform.load(ref, layout=layout)
 
   def iota(self, shape, dim):
     if self.interpret:

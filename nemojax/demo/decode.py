@@ -8,7 +8,7 @@ thought by then, ``".\\n</think>\\n\\n"`` is force-fed and greedy decoding goes 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from nemojax.demo.data import TokenizedTask
 from nemojax.demo.task import Problem, parse_answer

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

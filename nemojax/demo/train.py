@@ -145,7 +145,7 @@ def train_demo(settings: DemoSettings, out_dir: str | os.PathLike, *,
   model = trainer.model(state)
   save_hf(model, None, out)
   record = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
                  f"({jax.default_backend()})",
       "settings": dataclasses.asdict(settings),
