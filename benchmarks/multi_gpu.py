@@ -123,7 +123,8 @@ def build_model(args, mesh):
   config = getattr(NemotronHConfig, args.config)()
   if args.smoke:
     config = config.replace(**SMOKE_CONFIG)
-  return sharding.init_model(config, mesh, dtype=jnp.dtype(args.dtype), seed=args.seed), config
+  build = lambda: nemojax.NemotronH(config, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(args.seed))
+  return sharding.init_model(build, sharding.make_layout(mesh, config)), config
 
 
 def main(argv=None) -> int:

@@ -390,19 +390,14 @@ def shard_model(model, mesh_or_layout, *, rules=None, on_indivisible: str = "rep
   return attach(model, layout)
 
 
-def init_model(config: NemotronHConfig, mesh_or_layout, *, dtype=None, seed: int = 0, rules=None,
-               ssd_implementation: str | None = None):
-  """A randomly initialised `NemotronH` created straight into its shards (training from scratch,
-  benchmarks): the initialiser is compiled with the layout's output shardings, so no device ever
-  holds the whole model."""
-  import jax.numpy as jnp  # noqa: PLC0415
-  from nemojax.model import NemotronH  # noqa: PLC0415  (the model imports this module)
+def init_model(build: Callable[[], nnx.Module], layout: Layout):
+  """The module `build()` returns, created straight into its shards (random initialisation for
+  training from scratch or benchmarks): the initialiser is compiled with the layout's output
+  shardings, so no device ever holds the whole model.
 
-  dtype = jnp.bfloat16 if dtype is None else dtype
-  layout = (mesh_or_layout if isinstance(mesh_or_layout, Layout)
-            else make_layout(mesh_or_layout, config, rules=rules))
-  build = lambda: NemotronH(config, dtype=dtype, rngs=nnx.Rngs(seed),
-                            ssd_implementation=ssd_implementation)
+  Example:
+    model = init_model(lambda: NemotronH(config, rngs=nnx.Rngs(0)), make_layout(mesh, config))
+  """
   graphdef, state = nnx.split(nnx.eval_shape(build))
   shardings = _map_with_path(lambda path, x: NamedSharding(
       layout.mesh, layout.param_spec(path, x.shape)), nnx.to_pure_dict(state))
