@@ -145,9 +145,13 @@ class Mamba2Mixer(nnx.Module):
                                 implementation=impl)
       y = y[:, None]
     else:
-      y, ssm = ssd_api.ssd(x, dt, A, B, C, D,
-                           initial_state=None if state is None else state.ssm,
-                           chunk_size=self.chunk_size, implementation=impl)
+      scan = lambda *a: ssd_api.ssd(*a[:6], initial_state=a[6], chunk_size=self.chunk_size,
+                                    implementation=impl)
+      if impl == "pallas":  # a custom call: run it per shard on a mesh (no-op without one)
+        y, ssm = sharding.ssd_per_shard(self, scan, x, dt, A, B, C, D,
+                                        None if state is None else state.ssm)
+      else:
+        y, ssm = scan(x, dt, A, B, C, D, None if state is None else state.ssm)
     y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z, out_dtype=dtype)
     out = self.out_proj(y)
     new_state = None if state is None else MambaState(

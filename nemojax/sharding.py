@@ -374,6 +374,51 @@ def kernel_choice(module, implementation: str | None) -> str | None:
   return implementation
 
 
+def ssd_per_shard(module, ssd_fn: Callable, x, dt, A, B, C, D, initial_state):
+  """Runs `ssd_fn(x, dt, A, B, C, D, initial_state) -> (y, state)` once per shard (`shard_map`)
+  on the layout of `module`: rows split as the batch is, heads as the Mamba heads are.
+
+  For kernels the partitioner cannot see into (Pallas custom calls): left to it, every device
+  would gather the whole batch and run every head. Heads are split only when the split keeps
+  whole B/C groups (head i reads group i // (h/g)), so each shard's heads read its own groups;
+  otherwise heads are whole on each shard and only rows are split.
+  """
+  layout = layout_of(module)
+  if layout is None:
+    return ssd_fn(x, dt, A, B, C, D, initial_state)
+  b, _, h, _ = x.shape
+  g = B.shape[2]
+  rows = _first(layout.spec(("batch",), (b,)))
+  heads = _first(layout.spec(("mamba_heads",), (h,)))
+  sizes = dict(zip(layout.mesh.axis_names, layout.mesh.devices.shape))
+  if heads is not None and g % math.prod(sizes[a] for a in _as_tuple(heads)):
+    heads = None
+  groups = heads
+  has_d, has_state = D is not None, initial_state is not None
+
+  def local(x, dt, A, B, C, D, s0):
+    return ssd_fn(x, dt, A, B, C, D if has_d else None, s0 if has_state else None)
+
+  context = _context_mesh()
+  mesh = context if not context.empty else layout.mesh
+  in_specs = (P(rows, None, heads, None), P(rows, None, heads), P(heads),
+              P(rows, None, groups, None), P(rows, None, groups, None),
+              P(heads) if has_d else P(), P(rows, heads, None, None) if has_state else P())
+  out_specs = (P(rows, None, heads, None), P(rows, heads, None, None))
+  placeholder = jax.numpy.zeros((), x.dtype)
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(x, dt, A, B, C, D if has_d else placeholder,
+                                        initial_state if has_state else placeholder)
+
+
+def _first(spec: P):
+  return spec[0] if len(spec) else None
+
+
+def _as_tuple(axes) -> tuple:
+  return axes if isinstance(axes, tuple) else (axes,)
+
+
 def shard_model(model, mesh_or_layout, *, rules=None, on_indivisible: str = "replicate"):
   """Places every parameter of `model` into its shards (in place) and returns the model.
 

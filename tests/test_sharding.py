@@ -189,3 +189,18 @@ def test_benchmark_scripts_smoke(tmp_path):
            "2", "--chunk", "16", "--cache-len", "64"], tmp_path)
   rows = json.loads((tmp_path / "sharding_memory.json").read_text())["rows"]
   assert rows[0]["devices"] == 2 and rows[0]["args_gib"] > 0
+
+
+@pytest.mark.slow
+def test_pallas_ssd_runs_per_shard():
+  # The Pallas SSD kernel (Mosaic GPU interpreter on CPU) under shard_map: rows over data, heads
+  # (and their B/C groups) over tensor; equal to the unsharded kernel's output.
+  config = NemotronHConfig.tiny(hybrid_override_pattern="M-", mamba_num_heads=4,
+                                mamba_head_dim=64, ssm_state_size=128, n_groups=2, chunk_size=128)
+  build = lambda: NemotronH(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(3),
+                            ssd_implementation="pallas")
+  ids = _ids(config.vocab_size, (2, 40), seed=4)
+  want = np.asarray(build()(ids), np.float32)
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4])
+  got = np.asarray(S.shard_model(build(), mesh)(ids), np.float32)
+  T.assert_close(got, want, "bfloat16", "kernel", "logits")
