@@ -91,12 +91,12 @@ def rel(a, r):
   return float(np.linalg.norm(a - r) / np.linalg.norm(r))
 
 
-def main():
+def _parse_args():
   ap = argparse.ArgumentParser()
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--head-dims", default="80,64")
   ap.add_argument("--chunks", default="128,256")
-  ap.add_argument("--impls", default="pallas,xla,mamba")
+  ap.add_argument("--impls", default="pallas,xla,mamba,jla")
   ap.add_argument("--mamba-path", default=None)
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--variant-shapes", default="", help="time the variants only at these shapes")
@@ -109,38 +109,52 @@ def main():
                   help="extra pallas configs timed side by side, ';'-separated override lists")
   ap.add_argument("--out", default=os.environ.get("OUT"))
   ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the harness itself")
+  ap.add_argument("--backward", action="store_true",
+                  help="forward and forward+backward vs jax-linear-attention and mamba_ssm "
+                       "(benchmarks/ssd_backward.py)")
+  ap.add_argument("--grad-check-max-tokens", type=int, default=1 << 17)
   args = ap.parse_args()
-  if args.smoke:  # few heads so that the CPU interpreter finishes quickly
-    global H, G
-    H, G = 4, 2
+  return args
 
-  from nemojax.kernels.ssd import reference
-  from nemojax.kernels.ssd import pallas_mosaic_gpu as pmg
 
-  def make_config(spec):
-    overrides = dict(kv.split("=") for kv in spec.split(",") if kv)
-    conv = lambda k, v: (v == "True") if v in ("True", "False") else type(
-        getattr(pmg.DEFAULT_CONFIG, k))(v)
-    return pmg.Config(**{k: conv(k, v) for k, v in overrides.items()})
+def make_config(spec):
+  """A pallas Config from "key=value,..." overrides."""
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg
+  overrides = dict(kv.split("=") for kv in spec.split(",") if kv)
+  conv = lambda k, v: (v == "True") if v in ("True", "False") else type(
+      getattr(pmg.DEFAULT_CONFIG, k))(v)
+  return pmg.Config(**{k: conv(k, v) for k, v in overrides.items()})
 
-  config = make_config(args.config)
-  impls = args.impls.split(",")
-  variants = {f"pallas[{v}]": make_config(v) for v in args.variants.split(";") if v}
-  impls += list(variants)
+
+def _load_baselines(args, impls):
+  """jla's simple_gla, torch and mamba_ssm's scan, each None (and dropped from `impls`) if
+  missing."""
+  mamba_chunk_scan_combined = None
+  jla_gla = None
+  if "jla" in impls:
+    try:
+      from jla.ops.mosaic_gpu.scalar_gate import simple_gla as jla_gla
+    except Exception as e:
+      print(f"jax-linear-attention unavailable: {e!r}")
+      impls.remove("jla")
   torch = None
   if "mamba" in impls:
     try:
       if args.mamba_path:
         sys.path.insert(0, args.mamba_path)
-      import torch  # noqa: F811
+      import torch
       from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as e:  # keep going without the baseline
       print(f"mamba_ssm unavailable: {e!r}")
       impls.remove("mamba")
 
-  print(f"jax {jax.__version__}, devices {jax.devices()}, config {config}")
-  if torch is not None:
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+  return jla_gla, torch, mamba_chunk_scan_combined
+
+
+def _make_fns(args, config, variants, jla_gla):
+  """The jitted implementations, each (x, dt_raw, A, B, C, D, dt_bias, chunk) → (y, state)."""
+  from nemojax.kernels.ssd import reference
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg
 
   def softplus(v):
     return jnp.logaddexp(v, 0.0)
@@ -163,9 +177,49 @@ def main():
   jit_variants = {k: jax.jit(functools.partial(ours, config=c), static_argnums=7)
                   for k, c in variants.items()}
   jit_xla = jax.jit(xla, static_argnums=7)
-  jit_ref = jax.jit(ref32, static_argnums=7)
-  jsync = lambda o: jax.block_until_ready(o)
 
+  def jla(x, dt_raw, A, B, C, D, dt_bias, chunk):
+    del chunk  # jla's own chunk (64)
+    dt = softplus(dt_raw + dt_bias)
+    y, s = jla_gla(C, B, (x * dt[..., None]).astype(x.dtype), dt * A, scale=1.0,
+                   output_final_state=True)
+    y = y.astype(jnp.float32) + D[:, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), jnp.swapaxes(s, -1, -2)  # jla's state is [h, n, p]
+
+  jit_jla = jax.jit(jla, static_argnums=7)
+  jit_ref = jax.jit(ref32, static_argnums=7)
+  return jit_ours, jit_variants, jit_xla, jit_jla, jit_ref
+
+
+def _run_backward(args, config, make_config):
+  """`--backward`: benchmarks/ssd_backward.py with the same configs."""
+  if args.mamba_path:
+    sys.path.insert(0, args.mamba_path)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import ssd_backward
+  configs = {"": config} | {f"[{v}]": make_config(v) for v in args.variants.split(";") if v}
+  return ssd_backward.run(args, H=H, N=N, G=G, time_fn=time_fn, configs=configs)
+
+
+def main():
+  args = _parse_args()
+  if args.smoke:  # few heads so that the CPU interpreter finishes quickly
+    global H, G
+    H, G = 4, 2
+
+  config = make_config(args.config)
+  impls = args.impls.split(",")
+  variants = {f"pallas[{v}]": make_config(v) for v in args.variants.split(";") if v}
+  impls += list(variants)
+  if args.backward:
+    return _run_backward(args, config, make_config)
+  jla_gla, torch, mamba_chunk_scan_combined = _load_baselines(args, impls)
+  print(f"jax {jax.__version__}, devices {jax.devices()}, config {config}")
+  if torch is not None:
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+
+  jit_ours, jit_variants, jit_xla, jit_jla, jit_ref = _make_fns(args, config, variants, jla_gla)
+  jsync = lambda o: jax.block_until_ready(o)
   rows = []
   key = jax.random.key(0)
   for p in ([] if args.step_only else [int(v) for v in args.head_dims.split(",")]):
@@ -182,7 +236,8 @@ def main():
           except Exception as e:
             row["ref_error"] = repr(e)[:300]
         for impl in impls:
-          if impl in variants and args.variant_shapes and shape not in args.variant_shapes.split(","):
+          only = args.variant_shapes.split(",") if args.variant_shapes else None
+          if impl in variants and only and shape not in only:
             continue
           try:
             if impl == "mamba":
@@ -201,7 +256,9 @@ def main():
             else:
               if impl == "xla" and b * L > args.xla_max_tokens:
                 continue
-              f = jit_variants.get(impl) or (jit_ours if impl == "pallas" else jit_xla)
+              if impl == "jla" and p not in (64, 128):
+                continue
+              f = jit_variants.get(impl) or {"pallas": jit_ours, "jla": jit_jla}.get(impl, jit_xla)
               t0 = time.perf_counter()
               out = jax.block_until_ready(f(*inp, chunk))
               row[f"{impl}_first_s"] = time.perf_counter() - t0
@@ -217,17 +274,17 @@ def main():
         del inp
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if args.out:  # after every shape, so that a run cut short still leaves its numbers
-          with open(os.path.join(args.out, "ssd_bench.json"), "w") as fh:
-            json.dump(rows, fh, indent=1)
-
+        _save(args, rows)  # after every shape, so that a run cut short still leaves its numbers
   if args.step or args.step_only:
     rows.extend(bench_step(impls, torch, jsync))
+  _save(args, rows)
+  print_table(rows)
 
+
+def _save(args, rows):
   if args.out:
     with open(os.path.join(args.out, "ssd_bench.json"), "w") as fh:
       json.dump(rows, fh, indent=1)
-  print_table(rows)
 
 
 def bench_step(impls, torch, jsync, reps=100):
@@ -293,8 +350,9 @@ def bench_step(impls, torch, jsync, reps=100):
 
 def print_table(rows):
   print()
-  print("| b×L | P | Q | t* ms | pallas ms | eff | xla ms | mamba ms | pallas/mamba | err y | err state |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| b×L | P | Q | t* ms | pallas ms | eff | xla ms | mamba ms | jla ms | pallas/mamba "
+        "| err y | err state |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     if r.get("step"):
       continue
@@ -303,7 +361,8 @@ def print_table(rows):
     ratio = (f"{r['pallas_ms'] / r['mamba_ms']:.2f}" if "pallas_ms" in r and "mamba_ms" in r
              else "-")
     print(f"| {r['shape']} | {r['p']} | {r['chunk']} | {r['roofline_ms']:.3f} | {f('pallas_ms')} "
-          f"| {eff} | {f('xla_ms')} | {f('mamba_ms')} | {ratio} | {f('pallas_err_y', '{:.1e}')} "
+          f"| {eff} | {f('xla_ms')} | {f('mamba_ms')} | {f('jla_ms')} | {ratio} "
+          f"| {f('pallas_err_y', '{:.1e}')} "
           f"| {f('pallas_err_state', '{:.1e}')} |")
   steps = [r for r in rows if r.get("step")]
   if steps:
@@ -314,7 +373,8 @@ def print_table(rows):
       print(f"| B={r['batch']} | {r['p']} | {r['roofline_ms']:.4f} | {r['xla_ms']:.4f} "
             f"| {r['roofline_ms'] / r['xla_ms']:.0%} | {m:.4f} | {r['xla_ms'] / m:.2f} |")
   for r in rows:
-    extra = [f"{k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("pallas[") and k.endswith("_ms")]
+    extra = [f"{k[:-3]} {v:.3f} ms" for k, v in r.items()
+             if k.startswith("pallas[") and k.endswith("_ms")]
     if extra:
       print(f"variants {r['shape']} P={r['p']} Q={r['chunk']}: " + "; ".join(extra))
   errs = [(r.get("shape"), k, v[:200]) for r in rows for k, v in r.items() if k.endswith("error")]

@@ -14,7 +14,6 @@ reach the Mamba states (their inputs are zeroed) and attention masks keys before
 from __future__ import annotations
 
 import functools
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ class KVState:
   v: jax.Array  # [b, kv, s_max, hd]
 
 
-LayerState = Union[MambaState, KVState, None]
+LayerState = MambaState | KVState | None
 
 
 @struct.dataclass

@@ -14,6 +14,12 @@ each `lax.cond` or inner loop makes the host wait for the device): the sampling 
 call (`sampling.mode_for`), and attention reads the cache without a loop. Changing any knob's
 value never recompiles; a new mode, batch size, cache length or token buffer length does.
 
+Compiled shapes are kept few. Cache lengths lie on a ladder, 256·{1, 1.5}·2^k (`cache_ladder`),
+and the token buffer is as long as the cache, so a sweep of max_new_tokens over 1..32768 with one
+prompt bucket meets 16 cache lengths (256 to 49152), hence 16 decode programs. Prefill fills a
+cache as long as the prompt bucket needs (not as long as the generation), and `extend` copies it
+into the decode cache: prefill programs do not depend on max_new_tokens at all.
+
 Thinking budget (SPEC §5). A row that starts inside `<think>` (`reasoning_open`) counts its
 reasoning tokens; once `budget` are spent without `</think>`, the closing text (".\\n</think>\\n\\n"
 tokenised) is force-fed — at once under the "hard" policy, or after the next token that ends a
@@ -24,7 +30,7 @@ that writes `</think>` itself ends its thought as usual. `max_new_tokens` bounds
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +38,12 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from nemojax import jit, sampling
-from nemojax.cache import Cache
+from nemojax import compilation, jit, sampling
+from nemojax.cache import Cache, KVState
+
+# The persistent compilation cache is on from the moment the engine is imported (before any of
+# its programs compile); see compilation.py for the directory and how to switch it off.
+compilation.enable_default()
 
 FINISH_REASONS = {0: None, 1: "stop", 2: "length"}
 DEFAULT_BUDGET_GRACE = 500  # "newline" policy: tokens the line may run past the budget
@@ -138,9 +148,20 @@ class ThinkingBudget:
     return bool((self.limits(reasoning_open) >= 0).any())
 
 
+MIN_CACHE_LEN = 256
+
+
+def cache_ladder(n: int) -> int:
+  """The smallest cache length >= n on the ladder 256·{1, 1.5}·2^k (at most 1/3 unused; every
+  value a multiple of 128, as the Pallas attention kernel's key blocks need)."""
+  n = max(int(n), MIN_CACHE_LEN)
+  p = next_pow2(n)
+  return p * 3 // 4 if p * 3 // 4 >= n and p >= 2 * MIN_CACHE_LEN else p
+
+
 def buffer_len(max_new_tokens: int) -> int:
-  """Token buffer length for `max_new_tokens` (a power of two: similar requests share code)."""
-  return next_pow2(max(int(max_new_tokens), 16))
+  """Token buffer length for `max_new_tokens` alone (the Sampler passes its cache length)."""
+  return cache_ladder(max_new_tokens)
 
 
 def next_pow2(x: int) -> int:
@@ -182,10 +203,15 @@ def loop_config(*, vocab_size: int, max_new_tokens: int, sampling_params, seeds:
 
 def init_state(cache: Cache, last: jax.Array, *, max_new_tokens: int,
                reasoning_open: Sequence[bool] | jax.Array | None = None,
-               control: ThinkingControl | None = None) -> LoopState:
-  """The loop state after prefill: `last` [b] is each row's final prompt token (fed first)."""
+               control: ThinkingControl | None = None, buffer: int | None = None) -> LoopState:
+  """The loop state after prefill: `last` [b] is each row's final prompt token (fed first).
+
+  `buffer` (>= max_new_tokens) fixes the token buffer's length; None: `buffer_len`.
+  """
   b = cache.batch_size
-  n = buffer_len(max_new_tokens)
+  n = buffer_len(max_new_tokens) if buffer is None else int(buffer)
+  if n < max_new_tokens:
+    raise ValueError(f"buffer={n} is shorter than max_new_tokens={max_new_tokens}")
   marker = len((control or NO_CONTROL).close_marker)
   open_ = jnp.zeros((b,), bool) if reasoning_open is None else jnp.asarray(reasoning_open, bool)
   return LoopState(
@@ -268,19 +294,39 @@ def _prefill_chunk(graph: jit.Graph, params, cache: Cache, ids: jax.Array) -> Ca
   return cache
 
 
-# Compiled once per (model structure, shapes) for the whole process: every Sampler of a model
-# shares them, so `generate()` may build a Sampler per call without recompiling.
+def _extend(cache: Cache, length: int) -> Cache:
+  """`extend(cache, length) -> cache` with every K/V buffer zero-padded to `length` positions."""
+  def grow(layer):
+    if not isinstance(layer, KVState):
+      return layer
+    pad = ((0, 0), (0, 0), (0, length - layer.k.shape[2]), (0, 0))
+    return KVState(k=jnp.pad(layer.k, pad), v=jnp.pad(layer.v, pad))
+  return cache.replace(layers=tuple(grow(layer) for layer in cache.layers))
+
+
 def _loop_specs(layout, state: LoopState) -> LoopState:
   # The cache as the layout shards it; the per-row bookkeeping (a few ints per row) replicated.
   specs = jax.tree.map(lambda _: P(), state)
   return specs.replace(cache=layout.cache_specs(state.cache))
 
 
-# On an Explicit mesh the outputs keep the shardings the state came in with (sharding.auto_call).
+# Compiled once per (model structure, shapes) for the whole process: every Sampler of a model
+# shares them, so `generate()` may build a Sampler per call without recompiling. On an Explicit
+# mesh the outputs keep the shardings the state came in with (sharding.auto_call).
 prefill = jit.jit(_prefill_chunk, donate_argnums=(2,),
                   out_specs=lambda layout, params, cache, ids: layout.cache_specs(cache))
 decode_segment = jit.jit(_decode_segment, static_argnums=(5,), donate_argnums=(2,),
                          out_specs=lambda layout, params, state, *_: _loop_specs(layout, state))
+_extend_jit = jax.jit(_extend, static_argnums=(1,))  # nothing to donate: shapes grow
+
+
+def extend(cache: Cache, length: int) -> Cache:
+  """The cache with `length` positions (a copy of a shorter prefill cache; cheap to compile)."""
+  if cache.max_len < 0 or cache.max_len == length:
+    return cache
+  if cache.max_len > length:
+    raise ValueError(f"extend: the cache has {cache.max_len} positions, more than {length}")
+  return _extend_jit(cache, int(length))
 
 
 def compiled_shapes() -> dict[str, int]:

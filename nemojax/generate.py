@@ -10,11 +10,13 @@ temperature 0.6 and top-p 0.95 with reasoning on, greedy with it off; explicit a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from nemojax import sampling
+from nemojax.compilation import Notifier
 from nemojax.model import NemotronH
 from nemojax.engine import DEFAULT_BUDGET_GRACE, ThinkingBudget
 from nemojax.sampler import RowResult, Sampler, ThinkingControl
@@ -37,6 +39,8 @@ class Generation:
     num_reasoning_tokens: tokens generated inside the thought (`</think>` and forced text
       excluded).
     finish_reason: "stop" (stop token or string) or "length" (max_new_tokens reached).
+    cached_prompt_tokens: prompt tokens restored from the sampler's prefix cache instead of
+      being prefilled (0 without a prefix cache).
   """
 
   text: str
@@ -45,6 +49,7 @@ class Generation:
   answer: str
   num_reasoning_tokens: int
   finish_reason: str
+  cached_prompt_tokens: int = 0
 
 
 def _is_messages(x) -> bool:
@@ -202,7 +207,8 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
              stop_tokens: Sequence[int] | None = None,
              stream: Callable[[int, str], Any] | None = None,
              cache_size: int | None = None, prefill_chunk: int = 1024,
-             sampler: Sampler | None = None) -> list[Generation]:
+             sampler: Sampler | None = None,
+             progress: bool | Callable[[str], Any] | None = None) -> list[Generation]:
   """Generates a completion for each prompt.
 
   Args:
@@ -226,13 +232,28 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
     stream: `fn(row, text_delta)` called as text is produced; the deltas of a row concatenate
       to its final `text`.
     cache_size, prefill_chunk: passed to the `Sampler` (cache positions; prefill chunk length).
-    sampler: reuse a configured `Sampler` instead.
+    sampler: reuse a configured `Sampler` instead (its prefix cache, if any, is kept across
+      calls: prompts that start like earlier ones resume from saved states).
+    progress: True prints one line on stderr before a program compiles for the first time
+      (compiling takes seconds); a function receives the line instead.
   Returns:
     One `Generation` per prompt, in order.
   Raises:
     ValueError / TypeError: a bad argument (the message names it), or a request whose cache
       would not fit in device memory; raised before anything is compiled.
   """
+  return _generate(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                   thinking=thinking, thinking_budget=thinking_budget,
+                   budget_policy=budget_policy, budget_grace=budget_grace, stop=stop,
+                   stop_tokens=stop_tokens, stream=stream, cache_size=cache_size,
+                   prefill_chunk=prefill_chunk, sampler=sampler, progress=progress)
+
+
+def _generate(model, prompts, *, tokenizer, max_new_tokens, temperature, top_p, top_k, seed,
+              thinking, thinking_budget, budget_policy, budget_grace, stop, stop_tokens, stream,
+              cache_size, prefill_chunk, sampler, progress, save_at=None) -> list[Generation]:
+  """`generate`, plus `save_at` (per row, prompt token counts to save states at)."""
   _check_types(model, tokenizer, sampler, stream)
   rows = _normalize_prompts(prompts)
   n = len(rows)
@@ -249,29 +270,38 @@ def generate(model: NemotronH, prompts, *, tokenizer: Tokenizer | None = None,
   control = _thinking_control(tokenizer, model, opens, budget)
 
   sampler = sampler or Sampler(model, cache_size=cache_size, prefill_chunk=prefill_chunk)
+  notifier = sampler.notifier
+  if progress is not None:  # this call's choice; the sampler's own is back afterwards
+    sampler.notifier = Notifier(progress)
   texts = (_TextTracker(tokenizer, n, set(stop_ids), stops, stream) if tokenizer is not None
            else None)
   results: list[RowResult] | None = None
-  for new, results in sampler.stream(
-      ids, max_new_tokens=max_new_tokens, sampling_params=rules, seed=seed,
-      stop_tokens=stop_ids, reasoning_open=opens, thinking_budget=budget,
-      thinking_control=control, segment=16 if (stream is not None or stops) else None,
-      should_stop=texts.hit_stop_string if (texts is not None and stops) else None):
-    if texts is not None:
-      texts.update(new, final=results is not None)
+  try:
+    for new, results in sampler.stream(
+        ids, max_new_tokens=max_new_tokens, sampling_params=rules, seed=seed,
+        stop_tokens=stop_ids, reasoning_open=opens, thinking_budget=budget,
+        thinking_control=control, segment=16 if (stream is not None or stops) else None,
+        should_stop=texts.hit_stop_string if (texts is not None and stops) else None,
+        save_at=save_at):
+      if texts is not None:
+        texts.update(new, final=results is not None)
+  finally:
+    sampler.notifier = notifier
   return [_generation(r, texts, i, opens[i]) for i, r in enumerate(results)]
 
 
 def _generation(r: RowResult, texts: _TextTracker | None, i: int, reasoning_open: bool):
   if texts is None:
     return Generation(text="", tokens=r.tokens, reasoning=None, answer="",
-                      num_reasoning_tokens=r.num_reasoning_tokens, finish_reason=r.finish_reason)
+                      num_reasoning_tokens=r.num_reasoning_tokens, finish_reason=r.finish_reason,
+                      cached_prompt_tokens=r.cached_prompt_tokens)
   if texts.stopped[i]:  # a stop string: the row ends with the token that completed it
     r = r.cut(texts.stop_token_count[i])
   text = texts.final_text(i)
   reasoning, answer = _split_reasoning(text, reasoning_open)
   return Generation(text=text, tokens=r.tokens, reasoning=reasoning, answer=answer,
-                    num_reasoning_tokens=r.num_reasoning_tokens, finish_reason=r.finish_reason)
+                    num_reasoning_tokens=r.num_reasoning_tokens, finish_reason=r.finish_reason,
+                    cached_prompt_tokens=r.cached_prompt_tokens)
 
 
 class _TextTracker:
@@ -334,3 +364,94 @@ class _TextTracker:
 
   def final_text(self, i: int) -> str:
     return self.text[i]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = min(len(a), len(b))
+  return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class ChatSession:
+  """A multi-turn chat that reuses the decode state of its history from turn to turn.
+
+  Each `send` renders the whole history with the chat template and generates on it, exactly as
+  `generate(model, history)` would, but the prompt resumes from the state saved at the end of
+  the part the previous turn's prompt shares with it. NVIDIA's template re-renders an earlier
+  assistant turn without the `<think>` that ended the previous prompt (and without its
+  reasoning), so the previous prompt is shared only up to its generation-prompt suffix: that is
+  where the state is saved (found by rendering the history with a stand-in reply and next turn).
+
+  Args:
+    model: the model.
+    tokenizer: its `Tokenizer` (the chat template renders the history).
+    system: an optional system message, kept by `reset`.
+    sampler: a `Sampler` for this model; None: one with a prefix cache (`prefix_cache`).
+    prefix_cache: the byte budget of the default sampler's saved states (True: the default).
+    **defaults: `generate` arguments for every turn (a `send` may override them).
+  """
+
+  def __init__(self, model: NemotronH, *, tokenizer: Tokenizer, system: str | None = None,
+               sampler: Sampler | None = None, prefix_cache: int | bool = True, **defaults):
+    _check_types(model, tokenizer, sampler, None)
+    if not isinstance(tokenizer, Tokenizer):
+      raise ValueError("ChatSession needs tokenizer= (a nemojax.Tokenizer)")
+    if system is not None and not isinstance(system, str):
+      raise ValueError(f"system must be a string or None, got {type(system).__name__}")
+    self.model = model
+    self.tokenizer = tokenizer
+    self.system = system
+    self.sampler = sampler or Sampler(model, prefix_cache=prefix_cache,
+                                      cache_size=defaults.pop("cache_size", None),
+                                      prefill_chunk=defaults.pop("prefill_chunk", 1024))
+    self.defaults = defaults
+    self._history: list[dict] = []
+    self.reset()
+
+  @property
+  def history(self) -> list[dict]:
+    """The messages so far (a copy): system, then user and assistant turns."""
+    return [dict(m) for m in self._history]
+
+  def reset(self) -> None:
+    """Forgets the turns (the system message stays; saved states stay valid for reuse)."""
+    self._history = [{"role": "system", "content": self.system}] if self.system else []
+
+  def _save_point(self, messages: list[dict], thinking) -> int:
+    """Tokens this prompt shares with the next turn's (where the state is worth saving)."""
+    render = lambda msgs: self.tokenizer.apply_chat_template(
+        msgs, add_generation_prompt=True, thinking=thinking, tokenize=True)
+    stand_in = [{"role": "assistant", "content": "X"}, {"role": "user", "content": "Y"}]
+    return _common_prefix(render(messages), render(messages + stand_in))
+
+  def send(self, message: str, **kwargs) -> Generation:
+    """Adds a user message, generates the reply and adds it to the history.
+
+    Args:
+      message: the user's text.
+      **kwargs: `generate` arguments for this turn (over the session's defaults).
+    Returns:
+      The reply's `Generation`; its `cached_prompt_tokens` counts the history not prefilled.
+    """
+    if not isinstance(message, str):
+      raise ValueError(f"message must be a string, got {type(message).__name__}")
+    for name in ("sampler", "tokenizer", "cache_size", "prefill_chunk"):
+      if name in kwargs:
+        raise ValueError(f"ChatSession.send: {name} is fixed by the session")
+    kw = {**self.defaults, **kwargs}
+    messages = self._history + [{"role": "user", "content": message}]
+    thinking = False if kw.get("thinking_budget") == 0 else kw.get("thinking")
+    save = self._save_point(messages, thinking)
+    args = dict(max_new_tokens=256, temperature=None, top_p=None, top_k=None, seed=0,
+                thinking=None, thinking_budget=None, budget_policy="hard",
+                budget_grace=DEFAULT_BUDGET_GRACE, stop=None, stop_tokens=None, stream=None,
+                progress=None)
+    unknown = set(kw) - set(args)
+    if unknown:
+      raise ValueError(f"ChatSession.send: unknown argument(s) {', '.join(sorted(unknown))}")
+    args.update(kw)
+    gen = _generate(self.model, [messages], tokenizer=self.tokenizer, cache_size=None,
+                    prefill_chunk=self.sampler.prefill_chunk, sampler=self.sampler,
+                    save_at=[[save]], **args)[0]
+    # The template drops earlier reasoning itself (it keeps what follows `</think>`).
+    self._history = messages + [{"role": "assistant", "content": gen.text}]
+    return gen

@@ -102,12 +102,14 @@ def _load(args, err: TextIO):
   return model, tok
 
 
-def _gen_kwargs(args) -> dict:
-  return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, thinking=args.thinking,
-              thinking_budget=args.thinking_budget, budget_policy=args.budget_policy,
-              budget_grace=args.budget_grace, stop=args.stop, cache_size=args.cache_size,
-              prefill_chunk=args.prefill_chunk)
+def _gen_kwargs(args, sizes: bool = True) -> dict:
+  kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, thinking=args.thinking,
+            thinking_budget=args.thinking_budget, budget_policy=args.budget_policy,
+            budget_grace=args.budget_grace, stop=args.stop, progress=True)
+  if sizes:  # a ChatSession fixes these once, in its sampler
+    kw.update(cache_size=args.cache_size, prefill_chunk=args.prefill_chunk)
+  return kw
 
 
 class _Printer:
@@ -205,7 +207,12 @@ def run_chat(args, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
              err: TextIO = sys.stderr) -> int:
   import nemojax  # noqa: PLC0415
   model, tok = _load(args, err)
-  history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+  try:
+    chat = nemojax.ChatSession(model, tokenizer=tok, system=args.system,
+                               cache_size=args.cache_size, prefill_chunk=args.prefill_chunk)
+  except ValueError as e:
+    print(f"nemojax chat: error: {e}", file=err)
+    return 1
   interactive = inp.isatty()
   print("Chat: /think or /no_think in a message switches reasoning for that turn, alone on a "
         "line for the next turns; /reset clears the history; /exit quits.", file=err)
@@ -222,25 +229,21 @@ def run_chat(args, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
     if line in ("/exit", "/quit"):
       break
     if line == "/reset":
-      history = history[:1] if args.system else []
+      chat.reset()
       print("(history cleared)", file=err)
       continue
     if line in ("/think", "/no_think"):  # a switch, not a message: it holds for later turns
       args.thinking = line == "/think"
       print(f"(reasoning {'on' if args.thinking else 'off'} for the next turns)", file=err)
       continue
-    history.append({"role": "user", "content": line})
-    printer = _Printer(out, tok.reasoning_enabled(history, args.thinking)
+    turn = chat.history + [{"role": "user", "content": line}]
+    printer = _Printer(out, tok.reasoning_enabled(turn, args.thinking)
                        and args.thinking_budget != 0, args.show_reasoning)
     printer.header = "assistant> " + (printer.header or "")
     try:
-      gen = nemojax.generate(model, [history], tokenizer=tok, stream=printer,
-                             **_gen_kwargs(args))[0]
-    except ValueError as e:
+      chat.send(line, stream=printer, **_gen_kwargs(args, sizes=False))
+    except ValueError as e:  # the session keeps its history as it was
       print(f"nemojax chat: error: {e}", file=err)
-      history.pop()
       continue
     printer.finish()
-    # The template drops earlier reasoning itself (keeps what follows `</think>`).
-    history.append({"role": "assistant", "content": gen.text})
   return 0

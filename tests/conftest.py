@@ -16,6 +16,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+# nemojax turns JAX's persistent compilation cache on when imported (a directory in the user's
+# home); tests must not write there. A test that needs the cache points it at a tmp directory.
+os.environ.setdefault("NEMOJAX_COMPILATION_CACHE", "off")
+
 import pytest
 
 

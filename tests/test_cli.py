@@ -101,10 +101,10 @@ def test_version_and_bad_flag_are_one_line():
 
 def _in_process(argv, stdin=""):
   """Runs a generate/chat command in this process: (status, stdout, stderr)."""
-  import io  # noqa: PLC0415
+  import io
 
-  from nemojax.cli import build_parser  # noqa: PLC0415
-  from nemojax.generate_cli import run_chat, run_generate  # noqa: PLC0415
+  from nemojax.cli import build_parser
+  from nemojax.generate_cli import run_chat, run_generate
   args = build_parser().parse_args(argv)
   out, err = io.StringIO(), io.StringIO()
   if args.func is run_chat:
@@ -123,7 +123,7 @@ def _in_process(argv, stdin=""):
     (["--prefill-chunk", "3"], "prefill_chunk"), (["--seed", str(2**70)], "seed"),
 ])
 def test_user_errors_are_one_line_exit_1_without_output(converted, flags, name):
-  from nemojax import memory  # noqa: PLC0415
+  from nemojax import memory
   if "1000000000" in flags and memory.free_bytes() is None:
     pytest.skip("free memory unknown on this platform: no check is made")
   status, out, err = _in_process(["generate", "--model", str(converted), "hi", *flags])

@@ -21,7 +21,7 @@ from nemojax.kernels import platform
 from nemojax.kernels.attention import api as attention_api
 from nemojax.kernels.attention import pallas_mosaic_gpu as fa
 from nemojax.kernels.ssd import api as ssd_api
-from nemojax.kernels.ssd import pallas_mosaic_gpu as pmg
+from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # the differentiable entry
 from nemojax.kernels.ssd import reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

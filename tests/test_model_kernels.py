@@ -7,6 +7,7 @@ block, with batch 2, and continuing from a cached state (the kernel's initial-st
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import nemojax
@@ -21,6 +22,7 @@ def _model(ssd_implementation):
                            ssd_implementation=ssd_implementation)
 
 
+@pytest.mark.slow  # ~15 s: the kernel's interpreter inside a whole model
 def test_model_with_the_pallas_ssd_equals_xla():
   ids = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 150)), jnp.int32)
   first, second = {}, {}

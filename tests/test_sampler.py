@@ -149,7 +149,7 @@ def test_streaming_deltas_concatenate_to_the_result(sampler):
   whole = sampler(prompts, max_new_tokens=11)
   pieces = [[], []]
   events = 0
-  for new, results in sampler.stream(prompts, max_new_tokens=11, segment=3):
+  for new, _ in sampler.stream(prompts, max_new_tokens=11, segment=3):
     events += 1
     for i, toks in enumerate(new):
       pieces[i] += toks

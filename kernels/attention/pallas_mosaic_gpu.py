@@ -186,7 +186,7 @@ def _build_kernel(*, b, t, h, kv, s, d, dtype, config: Config, interpret: bool):
 
         @pl.when(c >= 0)
         def _():
-          plgpu.barrier_wait(free_bar.at[lax.rem(c, S)])  # noqa: B023 (pl.when runs it now)
+          plgpu.barrier_wait(free_bar.at[lax.rem(c, S)])
 
     def compute(w: int):
       if not interpret:

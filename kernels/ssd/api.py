@@ -4,9 +4,9 @@
   None      pick the fastest available for the arrays' device ("pallas" on a Hopper-or-newer
             NVIDIA GPU when the kernel supports the shapes, else "xla").
   "xla"     `reference.ssd_chunked`, runs everywhere (CPU, TPU, any GPU).
-  "pallas"  the Mosaic GPU kernel (`pallas_mosaic_gpu.py`); without a Hopper-or-newer GPU it runs
-            on Mosaic GPU's CPU interpreter (slow: for tests); an error for shapes it does not
-            support.
+  "pallas"  the Mosaic GPU kernels (`pallas_mosaic_gpu.py`, `pallas_mosaic_gpu_bwd.py`); without a
+            Hopper-or-newer GPU they run on Mosaic GPU's CPU interpreter (slow: for tests); an error
+            for shapes they do not support.
   "naive"   the `lax.scan` oracle; for tests.
 """
 
@@ -23,7 +23,7 @@ from nemojax.kernels.ssd import reference
 IMPLEMENTATIONS = ("xla", "pallas", "naive")
 
 
-_KERNEL = "ssd.pallas_mosaic_gpu"
+_KERNEL = "ssd.pallas_mosaic_gpu_bwd"  # the differentiable entry: forward and backward kernels
 
 
 def _pallas_module():
@@ -68,9 +68,10 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 128,
     return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
   if impl == "naive":
     return reference.ssd_naive(x, dt, A, B, C, D, initial_state)
-  from nemojax.kernels.ssd import pallas_mosaic_gpu  # noqa: PLC0415  (chosen: errors surface)
-  return pallas_mosaic_gpu.ssd(x, dt, A, B, C, D, initial_state=initial_state,
-                               chunk_size=chunk_size, interpret=not platform.mosaic_gpu_available())
+  from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd  # noqa: PLC0415  (chosen: errors surface)
+  return pallas_mosaic_gpu_bwd.ssd(x, dt, A, B, C, D, initial_state=initial_state,
+                                   chunk_size=chunk_size,
+                                   interpret=not platform.mosaic_gpu_available())
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, implementation: str | None = None):

@@ -30,11 +30,21 @@ computes the block-local cumsum Λ and transposes dt, Λ and B so that they arri
 Interpret mode (`interpret=True`, CPU tests) runs the same kernel body on Mosaic GPU's interpreter
 (TMA copies, barriers, warpgroups, pipelining). The interpreter of jax 0.10 cannot take register
 operands in wgmma nor register layouts in loads, so there the products are `jnp.dot`s on the same
-shared-memory tiles and the SMEM buffers carry no swizzle; everything else is the kernel as compiled.
+shared-memory tiles and the SMEM buffers carry no swizzle; everything else is the kernel as
+compiled.
 
 Measured on an H200 (benchmarks/RESULTS.md, "SSD kernel"): 0.16–0.45× mamba_ssm's time at all 20
 BENCHMARKS.md shapes (head dims 80 and 64, chunks 128 and 256), ‖Δy‖/‖y‖ ≈ 2.4e-3 against an fp32
 reference.
+
+Training: `pallas_mosaic_gpu_bwd.ssd` (the public entry) is a `custom_vjp`. Its forward runs this
+kernel with `emit_states`, which also writes the bf16 Sᵀ entering every block (one TMA store of
+the tile the C·Sᵀ product reads; 2·n·p bytes per head and block, ~20 KB per token at p = 80:
+saved rather than recomputed because a recompute pass would read x, B, C again and cost more),
+and its backward runs
+`pallas_mosaic_gpu_bwd` (a reverse walk over the blocks). `Config(backward="xla")` keeps the XLA
+reference's VJP (the path on every non-Hopper backend, where the dispatcher never picks this
+module).
 """
 
 from __future__ import annotations
@@ -83,12 +93,19 @@ class Config:
   approx_math: bool = True
   fuse_waits: bool = False
   probe: str = ""
+  backward: str = "pallas"
+  bwd_stages: int = 1
+  bwd_grad_dtype: str = "bfloat16"
 
   def __post_init__(self):
     if self.block_t != _ROWS * _COMPUTE_WGS:
       raise ValueError(f"Config.block_t must be {_ROWS * _COMPUTE_WGS}, got {self.block_t}")
     if self.num_stages < 1:
       raise ValueError(f"Config.num_stages must be >= 1, got {self.num_stages}")
+    if self.backward not in ("pallas", "xla"):
+      raise ValueError(f"Config.backward must be 'pallas' or 'xla', got {self.backward!r}")
+    if self.bwd_stages < 1:
+      raise ValueError(f"Config.bwd_stages must be >= 1, got {self.bwd_stages}")
 
 
 DEFAULT_CONFIG = Config()
@@ -158,12 +175,13 @@ class _Ops:
       return [bx.value for bx in boxes]
     return list(pl.run_state(lambda refs: fn(list(refs)))(tuple(plgpu.ACC.init(v) for v in inits)))
 
-  def mma(self, acc, a, b_ref):
-    """acc += a @ b, `a` in registers (bf16), `b` a shared-memory tile, fp32 accumulation."""
+  def mma(self, acc, a, b_ref, transpose_b: bool = False):
+    """acc += a @ b (or a @ bᵀ), `a` in registers (bf16), `b` a shared-memory tile, fp32 sums."""
     if self.interpret:
-      acc.value = acc.value + jnp.dot(a, b_ref[...], preferred_element_type=f32)
+      bv = b_ref[...]
+      acc.value = acc.value + jnp.dot(a, bv.T if transpose_b else bv, preferred_element_type=f32)
     else:
-      plgpu.wgmma(acc, a, b_ref)
+      plgpu.wgmma(acc, a, plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref)
 
 
 class _Box:
@@ -177,7 +195,8 @@ class _Box:
 # The kernel.
 
 
-def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpret: bool):
+def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpret: bool,
+                  emit_states: bool = False):
   T = config.block_t
   nc = t // T
   r = h // g
@@ -208,7 +227,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       init_bar=plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
   )
 
-  def body(x_ref, bt_ref, c_ref, lam_ref, dt_ref, d_ref, init_ref, y_ref, fin_ref, *,
+  def body(x_ref, bt_ref, c_ref, lam_ref, dt_ref, d_ref, init_ref, y_ref, fin_ref, states_ref, *,
            x_s, c_s, bt_s, lam_s, dt_s, st_s, y_s, in_bar, free_bar, st_ready, st_read,
            init_bar):
     hi = lax.axis_index("h")
@@ -268,6 +287,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
         state = ops.zeros((_ROWS, p))
 
       def block(c, state):
+        # kernel body: one block of the scan, every product and its masks in issue order.
         slot = lax.rem(c, S)
         plgpu.barrier_wait(in_bar.at[slot])
         x_t, c_t, bt_t = x_s.at[slot], c_s.at[slot], bt_s.at[slot]
@@ -287,6 +307,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
           plgpu.barrier_wait(st_read)
         st_s.at[own][...] = state.astype(dtype)
         plgpu.commit_smem()
+        if emit_states:  # the backward's S_in; read before st_s is next written (waits below)
+          plgpu.copy_smem_to_gmem(st_s.at[own], states_ref.at[bi, hi, c, own, :])
         plgpu.barrier_arrive(st_ready)
         plgpu.barrier_wait(st_ready)
 
@@ -360,14 +382,19 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       pl.when(wg == w)(functools.partial(compute, w))
 
   def entry(*refs):
-    return body(*refs[:9], **refs[9])
+    if emit_states:
+      return body(*refs[:10], **refs[10])
+    return body(*refs[:9], None, **refs[9])
+
+  out_type = [jax.ShapeDtypeStruct((b, t, h, p), dtype), jax.ShapeDtypeStruct((b, h, n, p), f32)]
+  if emit_states:  # Sᵀ entering every block, bf16 [b, h, c, n, p]
+    out_type.append(jax.ShapeDtypeStruct((b, h, nc, n, p), dtype))
 
   interp, compiler_params = platform.mosaic_params(interpret=interpret,
                                                    approx_math=config.approx_math)
   return plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((b, t, h, p), dtype),
-                jax.ShapeDtypeStruct((b, h, n, p), f32)),
+      out_type=tuple(out_type),
       scratch_types=[scratch],
       grid=(h, b),
       grid_names=("h", "b"),
@@ -382,7 +409,21 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
 # Wrapper: layout preparation in XLA, then the kernel.
 
 
-def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
+def split3(s32):
+  """fp32 array → [3, ...] bf16 pieces whose fp32 sum is exact (hi + mid + lo)."""
+  pieces = []
+  for _ in range(3):
+    pieces.append(s32.astype(jnp.bfloat16))
+    s32 = s32 - pieces[-1].astype(f32)
+  return jnp.stack(pieces)
+
+
+def prepare(x, dt, A, B, C, D, initial_state, config: Config):
+  """Checks, padding to whole blocks and the XLA-side layouts both kernels read.
+
+  Returns a dict: shapes (b, t, tp, h, p, g, n), x, B, C padded (bf16), dt and Λ padded and
+  transposed to [b, h, t] (fp32), Bᵀ [b, g, n, t], D (fp32, zeros if None).
+  """
   b, t, h, p, g, n = reference._check_shapes(x, dt, A, B, C, D, initial_state)
   dtype = x.dtype
   if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
@@ -397,82 +438,34 @@ def _forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool):
   pad = (-t) % T
   tp = t + pad
   pad_t = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)) if pad else v
-
-  xk = pad_t(x)
   Bk = pad_t(B.astype(dtype))
-  Ck = pad_t(C.astype(dtype))
   dtf = pad_t(dt.astype(f32))                                   # [b, t, h]; padded steps dt = 0
   a = dtf * A.astype(f32)
   lam = jnp.cumsum(a.reshape(b, tp // T, T, h), axis=2).reshape(b, tp, h)
-  lam_t = jnp.transpose(lam, (0, 2, 1))                         # [b, h, t]
-  dt_t = jnp.transpose(dtf, (0, 2, 1))                          # [b, h, t]
-  bt = jnp.transpose(Bk, (0, 2, 3, 1))                          # [b, g, n, t]
-  d = jnp.zeros((h,), f32) if D is None else D.astype(f32)
+  return dict(
+      b=b, t=t, tp=tp, h=h, p=p, g=g, n=n, pad_t=pad_t,
+      x=pad_t(x), B=Bk, C=pad_t(C.astype(dtype)),
+      lam_t=jnp.transpose(lam, (0, 2, 1)),                      # [b, h, t]
+      dt_t=jnp.transpose(dtf, (0, 2, 1)),                       # [b, h, t]
+      bt=jnp.transpose(Bk, (0, 2, 3, 1)),                       # [b, g, n, t]
+      d=jnp.zeros((h,), f32) if D is None else D.astype(f32))
+
+
+def forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
+            emit_states: bool = False):
+  """The forward kernel (not differentiable: `pallas_mosaic_gpu_bwd.ssd` is the public entry)."""
+  k = prepare(x, dt, A, B, C, D, initial_state, config)
+  b, t, h, p, n = k["b"], k["t"], k["h"], k["p"], k["n"]
   has_init = initial_state is not None
   if has_init:  # Sᵀ [b, h, n, p] split exactly into three bf16 pieces
-    s32 = jnp.transpose(initial_state.astype(f32), (0, 1, 3, 2))
-    pieces = []
-    for _ in range(3):
-      pieces.append(s32.astype(jnp.bfloat16))
-      s32 = s32 - pieces[-1].astype(f32)
-    init = jnp.stack(pieces)                                    # [3, b, h, n, p]
+    init = split3(jnp.transpose(initial_state.astype(f32), (0, 1, 3, 2)))
   else:
     init = jnp.zeros((3, 1, 1, n, p), jnp.bfloat16)
 
-  kernel = platform.shared_kernel(_build_kernel, b=b, t=tp, h=h, p=p, g=g, n=n,
-                                  dtype=jnp.dtype(dtype), has_init=has_init, config=config,
-                                  interpret=interpret)
-  y, fin_t = kernel(xk, bt, Ck, lam_t, dt_t, d, init)
-  if pad:
-    y = y[:, :t]
-  return y, jnp.transpose(fin_t, (0, 1, 3, 2))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
-  del chunk_size  # the kernel's chunk is config.block_t; see the module docstring
-  return _forward(x, dt, A, B, C, D, initial_state, config, interpret)
-
-
-def _ssd_fwd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
-  out = _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret)
-  return out, (x, dt, A, B, C, D, initial_state)
-
-
-def _ssd_bwd(chunk_size, config, interpret, res, cotangents):
-  # Backward through the XLA chunked reference (same function); a Pallas backward can come later.
-  del config, interpret
-  x, dt, A, B, C, D, initial_state = res
-
-  def ref(x, dt, A, B, C, D, initial_state):
-    return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
-
-  _, vjp = jax.vjp(ref, x, dt, A, B, C, D, initial_state)
-  return vjp(cotangents)
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
-
-
-def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
-        config: Config | None = None, interpret: bool = False):
-  """The SSD scan on the fused Mosaic GPU kernel; contract of `reference.ssd_naive`.
-
-  Args:
-    x: [b, t, h, p] bf16.
-    dt: [b, t, h], positive (after softplus).
-    A: [h], negative.
-    B, C: [b, t, g, n], cast to x.dtype for the tensor cores.
-    D: [h] or None.
-    initial_state: [b, h, p, n] or None.
-    chunk_size: accepted for the dispatcher's contract; the kernel always works in blocks of
-      `config.block_t` steps (the result does not depend on the chunk length beyond rounding).
-    config: tuning knobs (`Config`).
-    interpret: run on Mosaic GPU's CPU interpreter (tests).
-
-  Returns:
-    y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32. Differentiable: the
-    backward pass runs the XLA chunked reference.
-  """
-  config = DEFAULT_CONFIG if config is None else config
-  return _ssd(x, dt, A, B, C, D, initial_state, int(chunk_size), config, bool(interpret))
+  kernel = platform.shared_kernel(_build_kernel, b=b, t=k["tp"], h=h, p=p, g=k["g"], n=n,
+                                  dtype=jnp.dtype(x.dtype), has_init=has_init, config=config,
+                                  interpret=interpret, emit_states=emit_states)
+  y, fin_t, *states = kernel(k["x"], k["bt"], k["C"], k["lam_t"], k["dt_t"], k["d"], init)
+  y = y[:, :t] if k["tp"] != t else y
+  fin = jnp.transpose(fin_t, (0, 1, 3, 2))
+  return (y, fin, states[0]) if emit_states else (y, fin)
