@@ -485,9 +485,16 @@ def auto_call(layout: Layout | None, fn: Callable, *args, out_specs):
 def commit(layout: Layout, tree):
   """Uncommitted arrays of `tree` placed replicated on the layout's mesh (others untouched)."""
   replicated = NamedSharding(layout.mesh, P())
-  fresh = lambda x: (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                     and not x.committed)
-  return jax.tree.map(lambda x: jax.device_put(x, replicated) if fresh(x) else x, tree)
+  return jax.tree.map(lambda x: jax.device_put(x, replicated) if _uncommitted(x) else x, tree)
+
+
+def _uncommitted(x) -> bool:
+  if not isinstance(x, jax.Array):
+    return False
+  try:
+    return not x.committed
+  except Exception:  # noqa: BLE001  (a tracer: placement is not ours to change)
+    return False
 
 
 def same_specs(tree):
