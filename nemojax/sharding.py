@@ -124,7 +124,11 @@ ACTIVATION_AXES: Mapping[str, tuple[str | None, ...]] = {
 def param_axes(path: Sequence[str | int]) -> tuple[str | None, ...]:
   """Logical axes of the parameter at `path` (a state path such as
   ('backbone', 'layers', 3, 'mixer', 'in_proj', 'weight'))."""
-  parts = [str(p) for p in path]
+  parts = [str(p) for p in path if str(p) != "base_module"]  # a LoRA-wrapped Linear's weight
+  if parts and parts[-1] in ("lora_a", "lora_b"):
+    # LoRA adapters x @ a [in, r] @ b [r, out] follow their weight's [out, in] split.
+    out_axis, in_axis = param_axes(parts[:-1] + ["weight"])
+    return (in_axis, None) if parts[-1] == "lora_a" else (None, out_axis)
   if len(parts) > 3 and parts[:2] == ["backbone", "layers"]:
     parts = parts[3:]
   name = ".".join(parts)

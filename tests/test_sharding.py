@@ -26,6 +26,7 @@ import nemojax
 from nemojax import NemotronH, NemotronHConfig, Sampler
 from nemojax import sharding as S
 from nemojax import testing as T
+from nemojax.lora import apply_lora
 from nemojax.train import Checkpointer, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,21 @@ def test_moe_experts_over_the_expert_axis():
   sharded = S.shard_model(NemotronH(config, dtype=jnp.float32, rngs=nnx.Rngs(1)), mesh)
   up = sharded.backbone.layers[1].mixer.experts.up_proj[...]
   assert up.addressable_shards[0].data.shape[0] == config.n_routed_experts // 4
+  T.assert_close(np.asarray(sharded(ids)), want, "float32", "same", "logits")
+
+
+def test_lora_model_shards_like_its_base(tensor_parallel):
+  model, _ = tensor_parallel
+  ids = _ids(CONFIG.vocab_size, seed=6)
+  lora = nnx.clone(model)
+  apply_lora(lora, rank=4)
+  for _, leaf in nnx.iter_graph(lora):  # non-zero adapters: B starts at 0
+    if isinstance(leaf, nnx.LoRAParam):
+      leaf[...] = 0.01 * jnp.ones_like(leaf[...])
+  want = np.asarray(lora(ids))
+  sharded = S.shard_model(lora, _mesh((2, 4), ("data", "tensor"), AxisType.Auto))
+  in_proj = sharded.backbone.layers[0].mixer.in_proj
+  assert _is_partitioned(in_proj.base_module.weight[...]) and _is_partitioned(in_proj.lora_b[...])
   T.assert_close(np.asarray(sharded(ids)), want, "float32", "same", "logits")
 
 
