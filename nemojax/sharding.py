@@ -27,11 +27,11 @@ all-gathers each weight before use), data parallelism over the batch, and expert
 
 Mamba's in_proj output concatenates z [I], xBC [I + 2·g·n] and dt [h]; an even split of that
 fused dimension over `tensor` does not fall on head boundaries. We shard it evenly anyway and
-constrain the head-structured tensors (x, the SSM state, y) to heads over `tensor`: XLA moves
-the misaligned slices between neighbours (collective permutes of the block's activations, about
-the size of one all-gather of zxbcdt), which is correct and keeps every weight partitioned. A
-head-aligned layout (permuting in_proj's rows per shard at load time) would remove that traffic
-and is left for later.
+constrain the head-structured tensors (x [b, t, h, p], dt, the SSM state) to heads over
+`tensor`: XLA reshards the misaligned slices, which is correct, keeps every weight partitioned and
+costs communication of the order of one block's activations per Mamba layer (not measured). A
+head-aligned layout (permuting in_proj's rows per shard at load time, undone on export) would
+remove that traffic and is left for later.
 
 A dimension that its mesh axes do not divide is replicated (rules' `on_indivisible="replicate"`,
 the default) or refused with one line naming the tensor (`"error"`). A dimension's mesh axes
@@ -111,7 +111,6 @@ PARAM_AXES: Mapping[str, tuple[str | None, ...]] = {
 ACTIVATION_AXES: Mapping[str, tuple[str | None, ...]] = {
     "residual": ("batch", "length", None),  # [b, t, D] between blocks
     "mamba_x": ("batch", "length", "mamba_heads", None),  # [b, t, h, p]
-    "mamba_bc": ("batch", "length", None, "state"),  # [b, t, g, n]
     "mamba_dt": ("batch", "length", "mamba_heads"),  # [b, t, h]
     "mamba_conv_state": ("batch", None, "mamba_conv"),  # [b, K-1, conv_dim]
     "ssm_state": ("batch", "mamba_heads", None, "state"),  # [b, h, p, n]
