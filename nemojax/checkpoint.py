@@ -88,7 +88,8 @@ def _with_mesh(config: NemotronHConfig, mesh, rules, sharding: ShardingFn | None
   if sharding is not None:
     raise ValueError("load: give either mesh= or sharding=, not both")
   from nemojax import sharding as sharding_lib  # noqa: PLC0415
-  layout = sharding_lib.make_layout(mesh, config, rules=rules)
+  layout = (mesh if isinstance(mesh, sharding_lib.Layout)
+            else sharding_lib.make_layout(mesh, config, rules=rules))
   return layout, layout.tensor_sharding
 
 
@@ -146,7 +147,8 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, mesh=None, rules=None,
     mesh: optional `jax.sharding.Mesh` over any of the axes data, fsdp, tensor, expert (Auto or
       Explicit): every tensor is placed straight into its shards (nemojax directories are
       restored shard by shard; each process builds only its addressable shards) and the model
-      runs SPMD over the mesh; see `nemojax.sharding`.
+      runs SPMD over the mesh; see `nemojax.sharding`. A `nemojax.sharding.Layout` (mesh +
+      rules, e.g. `make_layout(mesh, config, on_indivisible="error")`) is accepted too.
     rules: with `mesh`, overrides of `nemojax.sharding.DEFAULT_RULES` (logical axis -> mesh axes).
     sharding: optional function from a tensor's spec to the `jax.sharding.Sharding` to place it
       with (default: the default device).

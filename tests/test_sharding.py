@@ -105,8 +105,9 @@ def test_indivisible_sizes_replicate_or_fail_with_one_line():
   k = model.backbone.layers[1].mixer.k_proj.weight[...]
   q = model.backbone.layers[1].mixer.q_proj.weight[...]
   assert not _is_partitioned(k) and _is_partitioned(q)
+  strict = S.make_layout(mesh, model.config, on_indivisible="error")
   with pytest.raises(ValueError) as err:
-    S.shard_model(nemojax.load(DEMO, jnp.float32), mesh, on_indivisible="error")
+    nemojax.load(DEMO, jnp.float32, mesh=strict)
   message = str(err.value)
   assert "\n" not in message and "k_proj.weight" in message and "kv_heads" in message
 
