@@ -17,6 +17,7 @@ import jax
 from einops import rearrange
 from flax import nnx
 
+from nemojax import sharding
 from nemojax.cache import KVState
 from nemojax.config import NemotronHConfig
 from nemojax.kernels import attention as attention_kernels
@@ -57,6 +58,8 @@ class Attention(nnx.Module):
     q = rearrange(self.q_proj(u), "b t (h d) -> b t h d", d=self.head_dim)
     k = rearrange(self.k_proj(u), "b t (kv d) -> b kv t d", d=self.head_dim)
     v = rearrange(self.v_proj(u), "b t (kv d) -> b kv t d", d=self.head_dim)
+    q = sharding.constrain(self, q, "attn_q")  # on a mesh: heads over tensor, batch over data
+    k, v = sharding.constrain(self, k, "kv"), sharding.constrain(self, v, "kv")
     if state is None:
       o = attention_kernels.attention(q, k, v, pos, start, key_block=self.key_block)
       new_state = None
@@ -64,7 +67,9 @@ class Attention(nnx.Module):
       k_all = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), pos, axis=2)
       v_all = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), pos, axis=2)
       o = attention_kernels.attention(q, k_all, v_all, pos, start, pos + t,
-                                      implementation=self.implementation,
+                                      implementation=sharding.kernel_choice(
+                                          self, self.implementation),
                                       key_block=self.key_block)
-      new_state = KVState(k=k_all, v=v_all)
+      new_state = KVState(k=sharding.constrain(self, k_all, "kv"),
+                          v=sharding.constrain(self, v_all, "kv"))
     return self.o_proj(rearrange(o, "b t h d -> b t (h d)")), new_state

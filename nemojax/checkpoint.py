@@ -60,7 +60,7 @@ def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSp
     else:
       host = np.asarray(arr).astype(want, copy=False)
       shard = sharding(spec) if sharding is not None else None
-      placed = jax.device_put(host, shard) if shard is not None else jnp.asarray(host)
+      placed = _place(host, shard)
       del host
     assign(pure, spec.path, placed)
     del arr, placed
@@ -74,24 +74,52 @@ def model_from_tensors(config: NemotronHConfig, tensors: Iterable[tuple[TensorSp
   return nnx.merge(graphdef, state)
 
 
+def _place(host: np.ndarray, shard) -> jax.Array:
+  # Each process builds only its addressable shards (multi-host: no process holds the others').
+  if shard is None:
+    return jnp.asarray(host)
+  return jax.make_array_from_callback(host.shape, shard, lambda index: host[index])
+
+
+def _with_mesh(config: NemotronHConfig, mesh, rules, sharding: ShardingFn | None):
+  """(the layout for `mesh`, the sharding function to load with)."""
+  if mesh is None:
+    return None, sharding
+  if sharding is not None:
+    raise ValueError("load: give either mesh= or sharding=, not both")
+  from nemojax import sharding as sharding_lib  # noqa: PLC0415
+  layout = (mesh if isinstance(mesh, sharding_lib.Layout)
+            else sharding_lib.make_layout(mesh, config, rules=rules))
+  return layout, layout.tensor_sharding
+
+
+def _attach(model: NemotronH, layout) -> NemotronH:
+  if layout is None:
+    return model
+  from nemojax import sharding as sharding_lib  # noqa: PLC0415
+  return sharding_lib.attach(model, layout)
+
+
 def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, sharding: ShardingFn | None = None,
-            ssd_implementation: str | None = None) -> NemotronH:
+            ssd_implementation: str | None = None, mesh=None, rules=None) -> NemotronH:
   """Loads an HF safetensors checkpoint directory (validated before any tensor is read)."""
   ckpt = hf.inspect(path)
+  layout, sharding = _with_mesh(ckpt.config, mesh, rules, sharding)
   tensors = ((info.spec, arr) for info, arr in hf.iter_tensors(ckpt))
-  return model_from_tensors(ckpt.config, tensors, dtype=dtype, sharding=sharding,
-                            ssd_implementation=ssd_implementation)
+  return _attach(model_from_tensors(ckpt.config, tensors, dtype=dtype, sharding=sharding,
+                                    ssd_implementation=ssd_implementation), layout)
 
 
 def load_nemojax(path: str | os.PathLike, *, dtype=jnp.bfloat16,
                  sharding: ShardingFn | None = None, ssd_implementation: str | None = None,
-                 verify: bool = True) -> NemotronH:
+                 verify: bool = True, mesh=None, rules=None) -> NemotronH:
   """Loads a nemojax checkpoint directory, each array restored straight into its sharding.
 
   Every file's size is checked against the manifest; with `verify`, its SHA-256 too.
   """
   from nemojax.convert import orbax_io  # noqa: PLC0415  (orbax: a slow import, only when used)
   ckpt = orbax_io.read(path, verify=verify)
+  layout, sharding = _with_mesh(ckpt.config, mesh, rules, sharding)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def target(t) -> jax.ShapeDtypeStruct:
@@ -102,18 +130,26 @@ def load_nemojax(path: str | os.PathLike, *, dtype=jnp.bfloat16,
                                 sharding=shard or default)
 
   tensors = ((t.spec, arr) for t, arr in orbax_io.iter_arrays(ckpt, target))
-  return model_from_tensors(ckpt.config, tensors, dtype=dtype,
-                            ssd_implementation=ssd_implementation)
+  # `sharding` also places stacked MoE experts, which are assembled on the host.
+  return _attach(model_from_tensors(ckpt.config, tensors, dtype=dtype, sharding=sharding,
+                                    ssd_implementation=ssd_implementation), layout)
 
 
-def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | None = None,
-         ssd_implementation: str | None = None, verify: bool = True) -> NemotronH:
+def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, mesh=None, rules=None,
+         sharding: ShardingFn | None = None, ssd_implementation: str | None = None,
+         verify: bool = True) -> NemotronH:
   """Loads a Nemotron-H model.
 
   Args:
     path: an HF checkpoint directory (config.json + model.safetensors or sharded with
       model.safetensors.index.json) or a directory written by `nemojax convert`.
     dtype: storage dtype for matmul weights and activations (jnp.bfloat16 or jnp.float32).
+    mesh: optional `jax.sharding.Mesh` over any of the axes data, fsdp, tensor, expert (Auto or
+      Explicit): every tensor is placed straight into its shards (nemojax directories are
+      restored shard by shard; each process builds only its addressable shards) and the model
+      runs SPMD over the mesh; see `nemojax.sharding`. A `nemojax.sharding.Layout` (mesh +
+      rules, e.g. `make_layout(mesh, config, on_indivisible="error")`) is accepted too.
+    rules: with `mesh`, overrides of `nemojax.sharding.DEFAULT_RULES` (logical axis -> mesh axes).
     sharding: optional function from a tensor's spec to the `jax.sharding.Sharding` to place it
       with (default: the default device).
     ssd_implementation: SSD scan choice for the Mamba layers (None = auto).
@@ -132,9 +168,11 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: ShardingFn | 
   from nemojax.convert import orbax_io  # noqa: PLC0415  (optional format, imported on use)
   if orbax_io.is_nemojax_checkpoint(path, damaged=not hf.is_hf_checkpoint(path)):
     return load_nemojax(path, dtype=dtype, sharding=sharding,
-                        ssd_implementation=ssd_implementation, verify=verify)
+                        ssd_implementation=ssd_implementation, verify=verify, mesh=mesh,
+                        rules=rules)
   if hf.is_hf_checkpoint(path):
-    return load_hf(path, dtype=dtype, sharding=sharding, ssd_implementation=ssd_implementation)
+    return load_hf(path, dtype=dtype, sharding=sharding, ssd_implementation=ssd_implementation,
+                   mesh=mesh, rules=rules)
   raise CheckpointError(
       f"{path}: not a model directory (expected config.json with model.safetensors or "
       f"{hf.INDEX_FILE}, or a directory written by `nemojax convert`)")

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from nemojax import compilation, jit, sampling
 from nemojax.cache import Cache, KVState
@@ -303,10 +304,19 @@ def _extend(cache: Cache, length: int) -> Cache:
   return cache.replace(layers=tuple(grow(layer) for layer in cache.layers))
 
 
+def _loop_specs(layout, state: LoopState) -> LoopState:
+  # The cache as the layout shards it; the per-row bookkeeping (a few ints per row) replicated.
+  specs = jax.tree.map(lambda _: P(), state)
+  return specs.replace(cache=layout.cache_specs(state.cache))
+
+
 # Compiled once per (model structure, shapes) for the whole process: every Sampler of a model
-# shares them, so `generate()` may build a Sampler per call without recompiling.
-prefill = jit.jit(_prefill_chunk, donate_argnums=(2,))
-decode_segment = jit.jit(_decode_segment, static_argnums=(5,), donate_argnums=(2,))
+# shares them, so `generate()` may build a Sampler per call without recompiling. On an Explicit
+# mesh the outputs keep the shardings the state came in with (sharding.auto_call).
+prefill = jit.jit(_prefill_chunk, donate_argnums=(2,),
+                  out_specs=lambda layout, params, cache, ids: layout.cache_specs(cache))
+decode_segment = jit.jit(_decode_segment, static_argnums=(5,), donate_argnums=(2,),
+                         out_specs=lambda layout, params, state, *_: _loop_specs(layout, state))
 _extend_jit = jax.jit(_extend, static_argnums=(1,))  # nothing to donate: shapes grow
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from nemojax import sharding
 from nemojax.cache import MambaState
 from nemojax.config import NemotronHConfig, keeps_float32
 from nemojax.kernels.ssd import api as ssd_api
@@ -131,19 +132,29 @@ class Mamba2Mixer(nnx.Module):
     x = rearrange(xbc[..., :self.d_inner], "b t (h p) -> b t h p", h=h)
     B = rearrange(xbc[..., self.d_inner:self.d_inner + g * n], "b t (g n) -> b t g n", g=g)
     C = rearrange(xbc[..., self.d_inner + g * n:], "b t (g n) -> b t g n", g=g)
+    # On a mesh: the SSD runs per head shard (in_proj's fused output is split evenly, not by
+    # heads, so XLA moves the misaligned slices here; see nemojax/sharding.py).
+    x = sharding.constrain(self, x, "mamba_x")
+    dt = sharding.constrain(self, dt, "mamba_dt")
     A = -jnp.exp(self.A_log[...].astype(f32))
     D = self.D[...].astype(f32)
 
+    impl = sharding.kernel_choice(self, self.ssd_implementation)
     if state is not None and t == 1:
       y, ssm = ssd_api.ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D,
-                                implementation=self.ssd_implementation)
+                                implementation=impl)
       y = y[:, None]
     else:
-      y, ssm = ssd_api.ssd(x, dt, A, B, C, D,
-                           initial_state=None if state is None else state.ssm,
-                           chunk_size=self.chunk_size, implementation=self.ssd_implementation)
+      scan = lambda *a: ssd_api.ssd(*a[:6], initial_state=a[6], chunk_size=self.chunk_size,
+                                    implementation=impl)
+      if impl == "pallas":  # a custom call: run it per shard on a mesh (no-op without one)
+        y, ssm = sharding.ssd_per_shard(self, scan, x, dt, A, B, C, D,
+                                        None if state is None else state.ssm)
+      else:
+        y, ssm = scan(x, dt, A, B, C, D, None if state is None else state.ssm)
     y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z, out_dtype=dtype)
     out = self.out_proj(y)
-    new_state = None if state is None else MambaState(conv=new_history.astype(state.conv.dtype),
-                                                      ssm=ssm)
+    new_state = None if state is None else MambaState(
+        conv=sharding.constrain(self, new_history.astype(state.conv.dtype), "mamba_conv_state"),
+        ssm=sharding.constrain(self, ssm, "ssm_state"))
     return out, new_state

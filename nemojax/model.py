@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax import jit
+from nemojax import jit, sharding
 from nemojax.attention import Attention
 from nemojax.cache import Cache, init_cache
 from nemojax.config import LayerType, NemotronHConfig
@@ -112,12 +112,15 @@ class NemotronH(nnx.Module):
     positions = pos + jnp.arange(t, dtype=jnp.int32)
     valid = positions[None, :] >= start[:, None]  # [b, t]
     any_pad = cache is not None or start is not None
-    x = self.backbone.embeddings(input_ids).astype(self.dtype)
+    x = sharding.constrain(self, self.backbone.embeddings(input_ids).astype(self.dtype),
+                           "residual")
     new_layers = []
     for i, block in enumerate(self.backbone.layers):
       state = None if cache is None else cache.layers[i]
       args = dict(state=state, start=start, pos=pos, valid=valid if any_pad else None)
       x, state = block(x, **args) if remat is None else _remat_block(block, remat, x, args)
+      # Block boundary: batch over data, the residual stream whole on every tensor shard.
+      x = sharding.constrain(self, x, "residual")
       new_layers.append(state)
     x = self.backbone.norm_f(x)
     if cache is None:
@@ -125,7 +128,7 @@ class NemotronH(nnx.Module):
     return x, Cache(layers=tuple(new_layers), pos=pos + t, start=start)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    return self.lm_head(hidden, out_dtype=f32)
+    return sharding.constrain(self, self.lm_head(hidden, out_dtype=f32), "logits")
 
   def __call__(self, input_ids: jax.Array, *, cache: Cache | None = None,
                start: jax.Array | None = None):
@@ -138,7 +141,11 @@ class NemotronH(nnx.Module):
     return _forward(graph, state, jnp.asarray(input_ids), cache, start)
 
   def init_cache(self, batch_size: int, max_len: int) -> Cache:
-    """An empty decode state for `batch_size` rows and `max_len` cache positions."""
+    """An empty decode state for `batch_size` rows and `max_len` cache positions (created in its
+    shards when the model is sharded)."""
+    layout = sharding.layout_of(self)
+    if layout is not None:
+      return layout.init_cache(self.config, batch_size, max_len, self.dtype)
     return init_cache(self.config, batch_size, max_len, dtype=self.dtype)
 
   def set_attention_implementation(self, implementation: str | None) -> None:
@@ -165,7 +172,14 @@ def _forward_fn(graph: jit.Graph, state, input_ids, cache, start):
   return model.logits(h), cache
 
 
-_forward = jit.jit(_forward_fn)
+def _forward_specs(layout, state, input_ids, cache, start):
+  # PartitionSpecs of the outputs when the model is sharded over an Explicit mesh.
+  vocab = jax.tree.leaves(state["lm_head"])[0].shape[0]
+  logits = layout.activation_spec("logits", (*input_ids.shape, vocab))
+  return logits if cache is None else (logits, layout.cache_specs(cache))
+
+
+_forward = jit.jit(_forward_fn, out_specs=_forward_specs)
 
 
 def _remat_block(block: Block, policy, x, args):

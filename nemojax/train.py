@@ -61,8 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
-from nemojax import jit
+from nemojax import jit, sharding
 from nemojax.convert import integrity
 from nemojax.losses import DEFAULT_LOSS_CHUNK, next_token_loss, weighted_nll
 from nemojax.model import NemotronH
@@ -250,10 +251,12 @@ def _eval_loss(graph: jit.Graph, params, rest, batch, *, plan):
                         plan=plan)
 
 
-def _committed(tree):
+def _committed(tree, layout=None):
   # Restored checkpoints are committed to a device; a fresh state must be too, or the first step
-  # after a resume compiles the train step a second time (jit keys its cache on placement).
-  device = jax.devices()[0]
+  # after a resume compiles the train step a second time (jit keys its cache on placement). On a
+  # mesh, the rest of the state (step, rng, optimizer counts) is replicated over it.
+  device = jax.devices()[0] if layout is None else jax.sharding.NamedSharding(
+      layout.mesh, jax.sharding.PartitionSpec())
   return jax.tree.map(
       lambda x: x if getattr(x, "committed", False) else jax.device_put(x, device), tree)
 
@@ -293,13 +296,16 @@ class Trainer:
     self.schedule = learning_rate_schedule(config)
     self._plan = _Plan(config, self.optimizer, compute_dtypes)
     # The plan is static structure (functions and dtypes, no arrays), so closing over it is
-    # safe; the params and the frozen rest of the model are arguments.
-    self._step = jit.jit(functools.partial(_train_step, plan=self._plan), donate_argnums=(1,))
-    self._eval = jit.jit(functools.partial(_eval_loss, plan=self._plan))
+    # safe; the params and the frozen rest of the model are arguments. On an Explicit mesh the
+    # new state keeps the old one's shardings and the metrics are replicated.
+    self._step = jit.jit(functools.partial(_train_step, plan=self._plan), donate_argnums=(1,),
+                         out_specs=lambda layout, state, *_: (sharding.same_specs(state), P()))
+    self._eval = jit.jit(functools.partial(_eval_loss, plan=self._plan),
+                         out_specs=lambda *_: P())
 
   def init_state(self, seed: int | None = None) -> TrainState:
     """A fresh state from the model's parameters (copied: later steps donate their buffers)."""
-    return _committed(self._fresh_state(seed))
+    return _committed(self._fresh_state(seed), self.graph.layout)
 
   def _fresh_state(self, seed: int | None = None) -> TrainState:
     params = jax.tree.map(jnp.copy, self._params)
@@ -309,8 +315,17 @@ class Trainer:
                       rng=jax.random.PRNGKey(seed))
 
   def abstract_state(self) -> TrainState:
-    """Shapes and dtypes of a train state, for restoring a checkpoint without allocating."""
-    return jax.eval_shape(self._fresh_state)
+    """Shapes and dtypes of a train state, for restoring a checkpoint without allocating.
+
+    For a sharded model the leaves carry the target shardings (parameters and optimizer moments
+    as the model's layout places them), so a state saved on one mesh restores onto this one.
+    """
+    shapes = jax.eval_shape(self._fresh_state)
+    layout = self.graph.layout
+    if layout is None:
+      return shapes
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, layout.tree_shardings(shapes))
 
   def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; `state` is donated (do not use it afterwards).

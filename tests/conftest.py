@@ -10,6 +10,12 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
 
+# Eight fake CPU devices, so that tests/test_sharding.py can build meshes. Other tests are not
+# affected: arrays still go to the first device unless a test places them on a mesh.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
 # nemojax turns JAX's persistent compilation cache on when imported (a directory in the user's
 # home); tests must not write there. A test that needs the cache points it at a tmp directory.
 os.environ.setdefault("NEMOJAX_COMPILATION_CACHE", "off")
