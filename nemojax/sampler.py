@@ -23,6 +23,7 @@ lengths, so the compiled shapes stay few.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
@@ -37,6 +38,10 @@ from nemojax.model import NemotronH
 from nemojax.prefix_cache import PrefixCache
 
 __all__ = ["PrefixCache", "RowResult", "Sampler", "ThinkingBudget", "ThinkingControl"]
+
+
+# Greedy decoding unless a request says otherwise (SamplingParams is immutable).
+DEFAULT_SAMPLING = sampling.SamplingParams()
 
 
 @dataclasses.dataclass
@@ -290,7 +295,7 @@ class Sampler:
   # ----------------------------------------------------------------------------------------------
   def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling_params: sampling.SamplingParams | Sequence[sampling.SamplingParams] = (
-                 sampling.SamplingParams()),
+                 DEFAULT_SAMPLING),
              seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] = (),
              reasoning_open: Sequence[bool] | bool = False,
              thinking_budget: ThinkingBudget | Sequence[int | None] | int | None = None,
@@ -384,7 +389,5 @@ class Sampler:
 
   def __call__(self, prompts: Sequence[Sequence[int]], **kw) -> list[RowResult]:
     """Generates for every prompt; see `stream` for the arguments."""
-    results = None
-    for _, results in self.stream(prompts, **kw):
-      pass
-    return results
+    events = collections.deque(self.stream(prompts, **kw), maxlen=1)  # the last holds the results
+    return events[0][1]
