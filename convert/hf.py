@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -330,3 +331,72 @@ class _BackgroundHash:
 
   def close(self) -> None:
     self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class SliceReader:
+  """Reads rectangular slices of a validated checkpoint's tensors, touching only their bytes.
+
+  For sharded loading (`nemojax.load(..., mesh=)` across processes): each process reads the
+  index `jax.make_array_from_callback` asks for. Row-major storage makes a slice a set of runs:
+  the dimensions after the last partially selected one are contiguous, so a slice of rows is one
+  read and a slice of columns one read per row. `bytes_read` counts the tensor bytes read.
+  """
+
+  def __init__(self, ckpt: HFCheckpoint):
+    if sys.byteorder != "little":
+      raise CheckpointError("safetensors data is little-endian; big-endian hosts are not "
+                            "supported")
+    self.bytes_read = 0
+    self._offsets: dict[str, int] = {}  # tensor name -> absolute file offset of its data
+    by_file: dict[str, list[TensorInfo]] = {}
+    for info in ckpt.tensors:
+      by_file.setdefault(info.file, []).append(info)
+    for file, infos in by_file.items():
+      with open(file, "rb") as f:
+        n = int.from_bytes(_read_exact(f, 8, file, "the header length"), "little")
+        header_bytes = _read_exact(f, n, file, "the header")
+      try:
+        header = json.loads(header_bytes)
+        for info in infos:
+          begin, end = (int(o) for o in header[info.spec.hf_name]["data_offsets"])
+          if end - begin != info.num_bytes:
+            raise CheckpointError(f"{file}: tensor {info.spec.hf_name!r} has data offsets "
+                                  f"[{begin}, {end}], expected {info.num_bytes} bytes")
+          self._offsets[info.spec.hf_name] = 8 + n + begin
+      except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        raise CheckpointError(f"{file}: the safetensors header changed after validation") from None
+
+  def read(self, info: TensorInfo, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """`tensor[index]` in the file's dtype (steps of 1; missing trailing dims are whole).
+
+    Raises CheckpointError for NaN/Inf in what was read or a file shorter than its header says.
+    """
+    shape = info.spec.shape
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    bounds = []
+    for s, n in zip(index, shape):
+      begin, end, step = s.indices(n)
+      if step != 1:
+        raise ValueError(f"SliceReader.read: tensor {info.spec.hf_name!r} index {s} has step "
+                         f"{step}, expected 1")
+      bounds.append((begin, max(begin, end)))
+    dtype = DTYPES[info.dtype]
+    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) * dtype.itemsize
+               for i in range(len(shape))]
+    partial = [i for i, (b, e) in enumerate(bounds) if (b, e) != (0, shape[i])]
+    last = partial[-1] if partial else -1
+    run = (bounds[last][1] - bounds[last][0]) * strides[last] if last >= 0 else info.num_bytes
+    out_shape = tuple(e - b for b, e in bounds)
+    buf = np.empty(int(np.prod(out_shape, dtype=np.int64)) * dtype.itemsize, np.uint8)
+    base = self._offsets[info.spec.hf_name]
+    base += bounds[last][0] * strides[last] if last >= 0 else 0
+    outer = itertools.product(*(range(b, e) for b, e in bounds[:max(last, 0)]))
+    with open(info.file, "rb", buffering=0) as f:
+      for k, rows in enumerate(outer if run else ()):
+        f.seek(base + sum(r * st for r, st in zip(rows, strides)))
+        _read_exact(f, buf[k * run:(k + 1) * run], info.file,
+                    f"tensor {info.spec.hf_name!r}")
+    self.bytes_read += buf.size
+    arr = buf.view(dtype).reshape(out_shape)
+    integrity.check_finite(arr, info.spec.hf_name, info.file)
+    return arr

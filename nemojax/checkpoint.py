@@ -81,6 +81,31 @@ def _place(host: np.ndarray, shard) -> jax.Array:
   return jax.make_array_from_callback(host.shape, shard, lambda index: host[index])
 
 
+def _read_per_shard(ckpt: hf.HFCheckpoint, dtype, sharding: ShardingFn):
+  """(spec, array) pairs, each array built from the slices this process's devices hold.
+
+  A slice several local devices share (a replicated or partly replicated tensor) is read once.
+  Stacked MoE experts are read whole and stacked on the host, as on the whole-tensor path.
+  """
+  reader = hf.SliceReader(ckpt)
+  for info in ckpt.tensors:
+    spec = info.spec
+    shard = None if is_stacked(spec) else sharding(spec)
+    if shard is None:
+      yield spec, reader.read(info)
+      continue
+    want, pieces = spec.storage_dtype(dtype), {}
+
+    def piece(index, info=info, want=want, pieces=pieces):
+      key = tuple(s.indices(n)[:2] for s, n in zip(index, info.spec.shape))
+      if key not in pieces:
+        pieces[key] = reader.read(info, index).astype(want, copy=False)
+      return pieces[key]
+
+    yield spec, jax.make_array_from_callback(spec.shape, shard, piece)
+    pieces.clear()
+
+
 def _with_mesh(config: NemotronHConfig, mesh, rules, sharding: ShardingFn | None):
   """(the layout for `mesh`, the sharding function to load with)."""
   if mesh is None:
@@ -101,11 +126,22 @@ def _attach(model: NemotronH, layout) -> NemotronH:
 
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, sharding: ShardingFn | None = None,
-            ssd_implementation: str | None = None, mesh=None, rules=None) -> NemotronH:
-  """Loads an HF safetensors checkpoint directory (validated before any tensor is read)."""
+            ssd_implementation: str | None = None, mesh=None, rules=None,
+            per_shard_reads: bool | None = None) -> NemotronH:
+  """Loads an HF safetensors checkpoint directory (validated before any tensor is read).
+
+  `per_shard_reads` (with `mesh` or `sharding`): each process reads from the files only the
+  slices its own devices hold (`hf.SliceReader`) instead of every tensor whole. None (default):
+  only when the mesh spans several processes (`jax.process_count() > 1`).
+  """
   ckpt = hf.inspect(path)
   layout, sharding = _with_mesh(ckpt.config, mesh, rules, sharding)
-  tensors = ((info.spec, arr) for info, arr in hf.iter_tensors(ckpt))
+  if per_shard_reads is None:
+    per_shard_reads = jax.process_count() > 1
+  if per_shard_reads and sharding is not None:
+    tensors = _read_per_shard(ckpt, dtype, sharding)
+  else:
+    tensors = ((info.spec, arr) for info, arr in hf.iter_tensors(ckpt))
   return _attach(model_from_tensors(ckpt.config, tensors, dtype=dtype, sharding=sharding,
                                     ssd_implementation=ssd_implementation), layout)
 
