@@ -13,6 +13,8 @@ writes the new keys and values into the heads-major cache [b, kv, s, d] and call
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from einops import rearrange
 from flax import nnx
@@ -66,10 +68,13 @@ class Attention(nnx.Module):
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), pos, axis=2)
       v_all = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), pos, axis=2)
-      o = attention_kernels.attention(q, k_all, v_all, pos, start, pos + t,
-                                      implementation=sharding.kernel_choice(
-                                          self, self.implementation),
-                                      key_block=self.key_block)
+      impl = sharding.kernel_choice(self, self.implementation)
+      attend = functools.partial(attention_kernels.attention, implementation=impl,
+                                 key_block=self.key_block)
+      if impl == "pallas":  # a custom call the partitioner cannot split: run it per shard
+        o = sharding.attention_per_shard(self, attend, q, k_all, v_all, pos, start, pos + t)
+      else:
+        o = attend(q, k_all, v_all, pos, start, pos + t)
       new_state = KVState(k=sharding.constrain(self, k_all, "kv"),
                           v=sharding.constrain(self, v_all, "kv"))
     return self.o_proj(rearrange(o, "b t h d -> b t (h d)")), new_state

@@ -371,7 +371,8 @@ def constrain(module, x: jax.Array, kind: str) -> jax.Array:
 
 def kernel_choice(module, implementation: str | None) -> str | None:
   """A kernel implementation for `module`: on a mesh the automatic choice is "xla", which the
-  partitioner splits (the Pallas kernels are custom calls it cannot see into)."""
+  partitioner splits (the Pallas kernels are custom calls it cannot see into; asked for
+  explicitly, they run per shard: `ssd_per_shard`, `attention_per_shard`)."""
   if implementation is None and layout_of(module) is not None:
     return "xla"
   return implementation
@@ -412,6 +413,30 @@ def ssd_per_shard(module, ssd_fn: Callable, x, dt, A, B, C, D, initial_state):
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                        check_vma=False)(x, dt, A, B, C, D if has_d else placeholder,
                                         initial_state if has_state else placeholder)
+
+
+def attention_per_shard(module, attend: Callable, q, k, v, pos, start, num_keys):
+  """Runs `attend(q, k, v, pos, start, num_keys) -> o` once per shard (`shard_map`) on the layout
+  of `module`: rows split as the batch is, KV heads as `kv_heads` are, query heads with them.
+
+  For the Pallas attention kernel (a custom call the partitioner cannot see into). Query head i
+  reads KV head i // (h/kv), so splitting both head dimensions into the same number of
+  contiguous blocks keeps each shard's query heads with their KV heads.
+  """
+  layout = layout_of(module)
+  if layout is None:
+    return attend(q, k, v, pos, start, num_keys)
+  b, kv = k.shape[0], k.shape[1]
+  rows = _first(layout.spec(("batch",), (b,)))
+  heads = _first(layout.spec(("kv_heads",), (kv,)))
+  context = _context_mesh()
+  mesh = context if not context.empty else layout.mesh
+  scalar = lambda x: jax.numpy.asarray(x, jax.numpy.int32)
+  return jax.shard_map(
+      attend, mesh=mesh, out_specs=P(rows, None, heads, None), check_vma=False,
+      in_specs=(P(rows, None, heads, None), P(rows, heads, None, None),
+                P(rows, heads, None, None), P(), P(rows), P()))(
+                    q, k, v, scalar(pos), start, scalar(num_keys))
 
 
 def _first(spec: P):

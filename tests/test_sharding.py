@@ -235,3 +235,49 @@ def test_pallas_ssd_runs_per_shard():
   mesh = jax.make_mesh(shape, ("data", "tensor"), devices=jax.devices()[:n])
   got = np.asarray(S.shard_model(build(), mesh)(ids), np.float32)
   T.assert_close(got, want, "bfloat16", "kernel", "logits")
+
+
+def test_attention_per_shard_splits_rows_and_head_groups():
+  # The per-shard wrapper's specs on CPU with the XLA attention as the per-shard body (the Pallas
+  # interpreter under shard_map hangs on fake CPU devices): rows over data, KV heads over tensor
+  # with their query heads.
+  from nemojax.kernels import attention as attn
+  mesh = _mesh((2, 4), ("data", "tensor"), AxisType.Auto)
+  model = S.shard_model(NemotronH(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh)
+  keys = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(keys[0], (4, 24, 8, 8))
+  k, v = (jax.random.normal(key, (4, 4, 64, 8)) for key in keys[1:])
+  start = jnp.asarray([0, 3, 0, 9], jnp.int32)
+  attend = lambda *a: attn.attention(*a, implementation="xla")
+  want = attend(q, k, v, 10, start, 34)
+  got = jax.jit(lambda *a: S.attention_per_shard(model, attend, *a))(q, k, v, 10, start, 34)
+  T.assert_close(np.asarray(got), np.asarray(want), "float32", "same", "attention")
+
+
+@pytest.mark.gpu
+def test_pallas_attention_runs_per_shard(monkeypatch):
+  # The Pallas attention kernel under shard_map (rows over data, KV heads and their query heads
+  # over tensor) for a prefill chunk over the cache; the next step's logits equal the unsharded
+  # kernel's. GPU only: on CPU the kernel's interpreter under shard_map on several fake devices
+  # hangs (as the SSD kernel's does).
+  config = NemotronHConfig.tiny(hybrid_override_pattern="*-", num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=64)
+  ids = _ids(config.vocab_size, (2, 33), seed=6)
+  calls = []
+  per_shard = S.attention_per_shard
+  monkeypatch.setattr(S, "attention_per_shard",
+                      lambda *a: calls.append(S.layout_of(a[0]) is not None) or per_shard(*a))
+
+  def next_logits(model):
+    model.set_attention_implementation("pallas")
+    cache = model.init_cache(2, 128).replace(start=jnp.asarray([0, 5], jnp.int32))
+    _, cache = model(ids[:, :32], cache=cache)  # 32 queries: a prefill chunk, the kernel's case
+    return np.asarray(model(ids[:, 32:], cache=cache)[0], np.float32)
+
+  build = lambda: NemotronH(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
+  want = next_logits(build())
+  assert not any(calls)
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4])
+  got = next_logits(S.shard_model(build(), mesh))
+  assert any(calls), "the kernel did not run per shard"
+  T.assert_close(got, want, "bfloat16", "kernel", "logits")
