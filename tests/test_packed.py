@@ -80,3 +80,34 @@ def test_ssd_dispatcher_takes_xla_with_segments(monkeypatch):
   T.assert_close(y, reference.ssd_naive(x, dt, A, B, C, D, s0, seg)[0], "float32", "same")
   with pytest.raises(ValueError, match="segment_ids"):
     ssd_api.ssd(x, dt, A, B, C, D, chunk_size=8, implementation="pallas", segment_ids=seg)
+
+
+def _qkv(rng, b, t, h=4, kv=2, d=8):
+  q = rng.standard_normal((b, t, h, d)).astype(np.float32)
+  k = rng.standard_normal((b, kv, t, d)).astype(np.float32)
+  v = rng.standard_normal((b, kv, t, d)).astype(np.float32)
+  return q, k, v
+
+
+@pytest.mark.parametrize("key_block", [16, 1024])  # blocked (3 blocks) and split-K schedules
+def test_attention_with_segments_equals_documents_alone(key_block, monkeypatch):
+  q, k, v = _qkv(np.random.default_rng(3), 2, T_LEN)
+  seg = _segment_ids()
+  start = np.zeros(2, np.int32)
+  # Full forward: XLA even where the kernel would be chosen for a prefill.
+  monkeypatch.setattr(attention_api.platform, "mosaic_gpu_available", lambda: True)
+  o = attention_api.attention(q, k, v, 0, start, key_block=key_block, segment_ids=seg)
+  for row in range(2):
+    for lo, hi in _spans(row):
+      o_doc = attention_api.attention(q[row:row + 1, lo:hi], k[row:row + 1, :, lo:hi],
+                                      v[row:row + 1, :, lo:hi], 0, start[:1], implementation="xla")
+      T.assert_close(o[row:row + 1, lo:hi], o_doc, "float32", "same")
+
+
+def test_attention_dispatcher_refuses_segments_off_the_xla_full_forward():
+  q, k, v = _qkv(np.random.default_rng(4), 2, T_LEN)
+  seg, start = _segment_ids(), np.zeros(2, np.int32)
+  with pytest.raises(ValueError, match="segment_ids"):
+    attention_api.attention(q, k, v, 0, start, implementation="pallas", segment_ids=seg)
+  with pytest.raises(ValueError, match="segment_ids"):
+    attention_api.attention(q, k, v, 0, start, T_LEN, segment_ids=seg)
