@@ -165,3 +165,15 @@ def test_packed_loss_and_gradients_equal_documents_trained_separately(model):
   leaky = trainer.evaluate(params, {"tokens": tokens, "mask": (seg == np.roll(seg, 1, axis=1))
                                    .astype(np.float32)})
   assert abs(float(leaky) - float(loss)) > T.tolerance("float32", "independent")
+
+
+def test_train_step_with_accumulation_splits_segment_ids(model):
+  tokens, seg = _tokens(), _segment_ids()
+  packed = {"tokens": tokens, "segment_ids": seg}
+  trainer = Trainer(model, TrainConfig(grad_accum_steps=2, loss_chunk_size=16))
+  expected = trainer.evaluate(trainer.init_state().params, packed)
+  _, metrics = trainer.step(trainer.init_state(), packed)
+  T.assert_close(metrics["loss"], expected, "float32", "same", "loss")
+  # Targets: every next token but the first of each document.
+  assert int(metrics["target_tokens"]) == 2 * (T_LEN - 1) - sum(len(n) - 1 for n in LENGTHS)
+  assert np.isfinite(float(metrics["grad_norm"]))
