@@ -50,8 +50,10 @@ class Attention(nnx.Module):
                          init_std=scaled_out_std(std, c.num_hidden_layers))
 
   def __call__(self, u: jax.Array, *, start: jax.Array, pos: jax.Array | int = 0,
-               state: KVState | None = None) -> tuple[jax.Array, KVState | None]:
-    """u [b, t, D] at cache indices pos..pos+t−1; start [b] first real index per row.
+               state: KVState | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVState | None]:
+    """u [b, t, D] at cache indices pos..pos+t−1; start [b] first real index per row;
+    segment_ids [b, t] (full forward only): packed documents, each attends only its own keys.
 
     With `state`, the new keys/values are written into the cache at `pos` and the queries attend
     over the cache; without, they attend over this call's keys only (a full forward).
@@ -63,7 +65,8 @@ class Attention(nnx.Module):
     q = sharding.constrain(self, q, "attn_q")  # on a mesh: heads over tensor, batch over data
     k, v = sharding.constrain(self, k, "kv"), sharding.constrain(self, v, "kv")
     if state is None:
-      o = attention_kernels.attention(q, k, v, pos, start, key_block=self.key_block)
+      o = attention_kernels.attention(q, k, v, pos, start, key_block=self.key_block,
+                                      segment_ids=segment_ids)
       new_state = None
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), pos, axis=2)

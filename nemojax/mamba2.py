@@ -10,6 +10,10 @@ With u [b, t, D] the normalised input, I = h·p, conv_dim = I + 2·g·n:
     y    = SSD(x, dt, A, B, C, D)                                 # kernels/ssd
     out  = out_proj(rmsnorm_per_group(y · silu(z)) · norm.weight)
 
+Packed sequences (`segment_ids` [b, t], a full forward): the conv reads no tap from an earlier
+document (those taps count as zero padding, as at the start of a row) and the SSD restarts its
+state at each document's first token (kernels/ssd; the XLA path).
+
 Decode state: the last K−1 raw xBC columns (conv) and the SSM state [b, h, p, n] (float32).
 Left padding must not reach either: xBC is zeroed at pad positions before and after the conv and
 dt is zero there, so a pad step neither decays nor feeds the state.
@@ -27,6 +31,7 @@ from flax import nnx
 from nemojax import sharding
 from nemojax.cache import MambaState
 from nemojax.config import NemotronHConfig, keeps_float32
+from nemojax.kernels.segments import document_index
 from nemojax.kernels.ssd import api as ssd_api
 from nemojax.layers import GatedRMSNorm, Linear, scaled_out_std
 
@@ -44,8 +49,11 @@ class DepthwiseConv1d(nnx.Module):
     self.bias = (nnx.Param(jax.random.uniform(rngs.params(), (channels,), f32, -bound, bound)
                            .astype(dtype)) if use_bias else None)
 
-  def __call__(self, xbc: jax.Array, history: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """xbc [b, t, c] raw inputs; history [b, K−1, c] the previous raw inputs (zeros at start).
+  def __call__(self, xbc: jax.Array, history: jax.Array,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """xbc [b, t, c] raw inputs; history [b, K−1, c] the previous raw inputs (zeros at start);
+    segment_ids [b, t] or None: taps from an earlier document read zero (history counts as the
+    first document's).
 
     Returns the conv output [b, t, c] in float32 (before the activation) and the new history.
     """
@@ -53,8 +61,14 @@ class DepthwiseConv1d(nnx.Module):
     t = xbc.shape[1]
     full = jnp.concatenate([history.astype(xbc.dtype), xbc], axis=1)  # [b, t+K-1, c]
     w = self.weight[...][:, 0, :].astype(f32)  # [c, K]
+    taps = [full[:, i:i + t].astype(f32) for i in range(k)]
+    if segment_ids is not None:
+      doc = document_index(segment_ids)
+      doc_full = jnp.pad(doc, [(0, 0), (k - 1, 0)])  # [b, t+K-1], history in document 0
+      taps = [jnp.where((doc_full[:, i:i + t] == doc)[..., None], tap, 0.0)
+              for i, tap in enumerate(taps)]
     # Tap K−1 multiplies the current token, tap 0 the token K−1 steps back.
-    out = sum(full[:, i:i + t].astype(f32) * w[:, i] for i in range(k))
+    out = sum(taps[i] * w[:, i] for i in range(k))
     if self.bias is not None:
       out = out + self.bias[...].astype(f32)
     new_history = full[:, full.shape[1] - (k - 1):] if k > 1 else history
@@ -107,9 +121,11 @@ class Mamba2Mixer(nnx.Module):
     return dt
 
   def __call__(self, u: jax.Array, *, state: MambaState | None = None,
-               valid: jax.Array | None = None) -> tuple[jax.Array, MambaState | None]:
+               valid: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, MambaState | None]:
     """u [b, t, D]; state: the decode state to continue from (None: start fresh, return None);
-    valid [b, t] bool: False at left-pad positions. Returns (out [b, t, D], new state)."""
+    valid [b, t] bool: False at left-pad positions; segment_ids [b, t]: packed documents (no
+    state; the SSD then runs on XLA). Returns (out [b, t, D], new state)."""
     b, t, _ = u.shape
     h, g, n = self.num_heads, self.n_groups, self.state_size
     dtype = u.dtype
@@ -122,7 +138,7 @@ class Mamba2Mixer(nnx.Module):
       xbc = jnp.where(valid[..., None], xbc, jnp.zeros((), dtype))
     history = (state.conv if state is not None
                else jnp.zeros((b, self.conv1d.kernel - 1, self.conv_dim), dtype))
-    conv_out, new_history = self.conv1d(xbc, history)
+    conv_out, new_history = self.conv1d(xbc, history, segment_ids)
     xbc = jax.nn.silu(conv_out).astype(dtype)
     dt = self._dt(dt_raw)  # [b, t, h] float32
     if valid is not None:
@@ -146,8 +162,9 @@ class Mamba2Mixer(nnx.Module):
       y = y[:, None]
     else:
       scan = lambda *a: ssd_api.ssd(*a[:6], initial_state=a[6], chunk_size=self.chunk_size,
-                                    implementation=impl)
-      if impl == "pallas":  # a custom call: run it per shard on a mesh (no-op without one)
+                                    implementation=impl, segment_ids=segment_ids)
+      # A custom call: run it per shard on a mesh (no-op without one). Packed rows: XLA.
+      if impl == "pallas" and segment_ids is None:
         y, ssm = sharding.ssd_per_shard(self, scan, x, dt, A, B, C, D,
                                         None if state is None else state.ssm)
       else:

@@ -9,6 +9,8 @@ safetensors file is `model.backbone.layers[3].mixer.in_proj.weight` here.
 
 Calling conventions (functional cache, DESIGN point 6):
   model(ids)                         -> logits [b, t, V] float32 (full forward)
+  model(ids, segment_ids=seg)        -> the same for packed rows: each document (a run of equal
+                                        ids in seg [b, t]) sees only itself (XLA kernels)
   model(ids, cache=cache)            -> (logits, new_cache): consumes ids at cache.pos
 """
 
@@ -47,12 +49,12 @@ class Block(nnx.Module):
       self.mixer = MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs,
                        out_std=scaled_out_std(config.initializer_range, config.num_hidden_layers))
 
-  def __call__(self, x, *, state, start, pos, valid):
+  def __call__(self, x, *, state, start, pos, valid, segment_ids=None):
     h = self.norm(x)
     if self.layer_type is LayerType.MAMBA:
-      h, state = self.mixer(h, state=state, valid=valid)
+      h, state = self.mixer(h, state=state, valid=valid, segment_ids=segment_ids)
     elif self.layer_type is LayerType.ATTENTION:
-      h, state = self.mixer(h, start=start, pos=pos, state=state)
+      h, state = self.mixer(h, start=start, pos=pos, state=state, segment_ids=segment_ids)
     else:
       h = self.mixer(h)
     return (x.astype(f32) + h.astype(f32)).astype(x.dtype), state
@@ -91,10 +93,14 @@ class NemotronH(nnx.Module):
 
   # ----------------------------------------------------------------------------------------------
   def hidden_states(self, input_ids: jax.Array, *, cache: Cache | None = None,
-                    start: jax.Array | None = None, remat=None):
+                    start: jax.Array | None = None, remat=None,
+                    segment_ids: jax.Array | None = None):
     """Final-normed hidden states [b, t, D] (and the new cache when `cache` is given).
 
-    Without a cache, `start` [b] optionally marks left padding (row b's first real token).
+    Without a cache, `start` [b] optionally marks left padding (row b's first real token) and
+    `segment_ids` [b, t] packed documents: a new document starts wherever the id changes, and
+    none sees another (the conv, the SSD and attention restart; XLA kernels, see
+    `kernels/segments.py`).
     `remat`, a `jax.checkpoint` policy, runs every block under `jax.checkpoint` with it, so a
     backward pass keeps only what the policy saves and recomputes the rest block by block.
     """
@@ -102,6 +108,12 @@ class NemotronH(nnx.Module):
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
     b, t = input_ids.shape
+    if segment_ids is not None:
+      segment_ids = jnp.asarray(segment_ids)
+      if cache is not None or segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must be [batch, time] = {(b, t)} without a cache, got "
+                         f"shape {segment_ids.shape}"
+                         + (" with a cache" if cache is not None else ""))
     if cache is not None:
       if cache.batch_size != b:
         raise ValueError(f"input_ids has batch {b} but the cache was made for {cache.batch_size}")
@@ -117,7 +129,8 @@ class NemotronH(nnx.Module):
     new_layers = []
     for i, block in enumerate(self.backbone.layers):
       state = None if cache is None else cache.layers[i]
-      args = dict(state=state, start=start, pos=pos, valid=valid if any_pad else None)
+      args = dict(state=state, start=start, pos=pos, valid=valid if any_pad else None,
+                  segment_ids=segment_ids)
       x, state = block(x, **args) if remat is None else _remat_block(block, remat, x, args)
       # Block boundary: batch over data, the residual stream whole on every tensor shard.
       x = sharding.constrain(self, x, "residual")
@@ -131,14 +144,15 @@ class NemotronH(nnx.Module):
     return sharding.constrain(self, self.lm_head(hidden, out_dtype=f32), "logits")
 
   def __call__(self, input_ids: jax.Array, *, cache: Cache | None = None,
-               start: jax.Array | None = None):
-    """Logits [b, t, V] float32; with a cache, (logits, new_cache).
+               start: jax.Array | None = None, segment_ids: jax.Array | None = None):
+    """Logits [b, t, V] float32; with a cache, (logits, new_cache). `segment_ids` [b, t]: packed
+    documents (full forward only; see `hidden_states`).
 
     Compiled as one program (inlined when already inside a jit or other transform), so that
     calling the model eagerly does not compile hundreds of small ops one at a time.
     """
     graph, state = jit.split(self)
-    return _forward(graph, state, jnp.asarray(input_ids), cache, start)
+    return _forward(graph, state, jnp.asarray(input_ids), cache, start, segment_ids)
 
   def init_cache(self, batch_size: int, max_len: int) -> Cache:
     """An empty decode state for `batch_size` rows and `max_len` cache positions (created in its
@@ -162,17 +176,17 @@ class NemotronH(nnx.Module):
         block.mixer.ssd_implementation = implementation
 
 
-def _forward_fn(graph: jit.Graph, state, input_ids, cache, start):
+def _forward_fn(graph: jit.Graph, state, input_ids, cache, start, segment_ids=None):
   # Pure function of the split model: no state flows back, so it composes with any outer
   # transform (jax.jit closing over the model, nnx.grad, ...).
   model = graph.merge(state)
   if cache is None:
-    return model.logits(model.hidden_states(input_ids, start=start))
-  h, cache = model.hidden_states(input_ids, cache=cache)
+    return model.logits(model.hidden_states(input_ids, start=start, segment_ids=segment_ids))
+  h, cache = model.hidden_states(input_ids, cache=cache, segment_ids=segment_ids)
   return model.logits(h), cache
 
 
-def _forward_specs(layout, state, input_ids, cache, start):
+def _forward_specs(layout, state, input_ids, cache, start, segment_ids=None):
   # PartitionSpecs of the outputs when the model is sharded over an Explicit mesh.
   vocab = jax.tree.leaves(state["lm_head"])[0].shape[0]
   logits = layout.activation_spec("logits", (*input_ids.shape, vocab))

@@ -7,8 +7,10 @@ exercise every path (the HF initialiser's std 0.02 would leave most of it near z
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from typing import Any
 
 import numpy as np
 
@@ -191,3 +193,52 @@ def random_model(config: NemotronHConfig, dtype=None, seed: int = 0):
     values.append(jax.block_until_ready(draw(jax.random.fold_in(base, i), tuple(leaf.shape),
                                              jnp.dtype(leaf.dtype), kind)))
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+
+
+@dataclasses.dataclass(frozen=True)
+class NotebookModel:
+  """What a research notebook runs on (see `notebook_model`)."""
+
+  model: Any
+  tokenizer: Any
+  tiny: bool                 # NEMOJAX_NOTEBOOK_TINY=1: the demo model, offline, in float32
+  checkpoint: str | None     # a converted (or HF) checkpoint directory, if any
+  dtype: Any
+
+  @property
+  def meaningful(self) -> bool:
+    """Whether the weights are trained (the demo or a checkpoint), not random."""
+    return self.tiny or self.checkpoint is not None
+
+
+def notebook_model() -> NotebookModel:
+  """The notebooks' model, chosen by environment variables.
+
+  NEMOJAX_NOTEBOOK_TINY=1: the built-in demo model (offline, seconds on a CPU; what the tests
+  run). NEMOJAX_MODEL=DIR: that checkpoint. NEMOJAX_DOWNLOAD=1: NVIDIA's Nano-9B-v2 from the Hub
+  (huggingface_hub), converted once to ./nano-9b-v2. Otherwise the Nano-9B-v2 shape with random
+  bf16 weights (`random_model`): real memory and time, meaningless text; the demo's tokenizer.
+  """
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from nemojax.checkpoint import load  # noqa: PLC0415
+  from nemojax.demo import demo_model_path  # noqa: PLC0415
+  from nemojax.tokenizer import Tokenizer  # noqa: PLC0415
+  tiny = os.environ.get("NEMOJAX_NOTEBOOK_TINY") == "1"
+  checkpoint = os.environ.get("NEMOJAX_MODEL")
+  if not tiny and checkpoint is None and os.environ.get("NEMOJAX_DOWNLOAD") == "1":
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+    hf_dir = snapshot_download("nvidia/NVIDIA-Nemotron-Nano-9B-v2")
+    checkpoint = "nano-9b-v2"
+    if not os.path.isdir(checkpoint):  # streams one tensor at a time: ~1.5 GB of RAM
+      subprocess.run([sys.executable, "-m", "nemojax.convert", hf_dir, checkpoint], check=True)
+  dtype = jnp.float32 if tiny else jnp.bfloat16
+  if tiny or checkpoint:
+    path = demo_model_path() if tiny else checkpoint
+    return NotebookModel(load(path, dtype=dtype), Tokenizer.from_pretrained(path), tiny,
+                         checkpoint, dtype)
+  model = random_model(NemotronHConfig.nano_9b_v2(), dtype)
+  return NotebookModel(model, Tokenizer.from_pretrained(demo_model_path()), tiny, None, dtype)

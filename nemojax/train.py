@@ -11,6 +11,11 @@ LM head W [V, D]:
 computed `loss_chunk_size` tokens at a time (`nemojax.losses`), so the [b, t-1, V] float32 logits
 never exist (2 GiB for 4096 tokens of Nano-9B-v2, and as much again for their gradient).
 
+Packed sequences: a batch may carry `segment_ids` [b, t] (documents laid end to end in a row, a
+new one wherever the id changes). The model then keeps documents apart (`NemotronH.hidden_states`)
+and the first token of a document is no target (m is zeroed there), so the loss's sum is the sum
+over the documents trained one by one.
+
 Mixed precision (`master_weights`, `moment_dtype`): the optimizer keeps a float32 master copy of
 the trained parameters and float32 Adam moments; each step casts the master copy to the dtypes the
 model was built with (bf16 matmul weights; norm scales, A_log, D, dt_bias stay float32), runs the
@@ -73,7 +78,8 @@ __all__ = [
     "learning_rate_schedule", "make_optimizer", "next_token_loss",
 ]
 
-Batch = Mapping[str, Any]  # {"tokens": int [b, t], "mask": optional float/bool [b, t]}
+# {"tokens": int [b, t], "mask": optional float/bool [b, t], "segment_ids": optional int [b, t]}
+Batch = Mapping[str, Any]
 f32 = jnp.float32
 
 _cp = jax.checkpoint_policies
@@ -191,10 +197,30 @@ def _cast(tree, dtypes):
   return jax.tree.map(lambda x, d: x.astype(d), tree, dtypes)
 
 
-def _weighted_loss(params, graph: jit.Graph, rest, tokens, weights, *, plan):
+def _targets(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """tokens, the weights of their targets [b, t-1] and segment_ids (or None) of a batch.
+
+  With segment_ids, a target in another document than the token that predicts it weighs 0.
+  """
+  tokens = jnp.asarray(batch["tokens"])
+  mask = batch.get("mask")
+  weights = (jnp.ones(tokens[:, 1:].shape, f32) if mask is None
+             else jnp.asarray(mask, f32)[:, 1:])
+  segment_ids = batch.get("segment_ids")
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != tokens.shape:
+      raise ValueError(f"batch['segment_ids'] has shape {segment_ids.shape}, expected the "
+                       f"tokens' {tokens.shape}")
+    weights = jnp.where(segment_ids[:, 1:] == segment_ids[:, :-1], weights, 0.0)
+  return tokens, weights, segment_ids
+
+
+def _weighted_loss(params, graph: jit.Graph, rest, tokens, weights, segment_ids=None, *, plan):
   """Σ weights · nll of the model with `params` (weights already divided by the target count)."""
   model = graph.merge(_cast(params, plan.compute_dtypes), rest)
-  hidden = model.hidden_states(tokens[:, :-1], remat=REMAT_POLICIES[plan.config.remat])
+  hidden = model.hidden_states(tokens[:, :-1], remat=REMAT_POLICIES[plan.config.remat],
+                               segment_ids=None if segment_ids is None else segment_ids[:, :-1])
   targets = tokens[:, 1:]
   if plan.config.loss_chunk_size is None:
     logits = model.logits(hidden)
@@ -206,16 +232,13 @@ def _weighted_loss(params, graph: jit.Graph, rest, tokens, weights, *, plan):
 
 def _loss_and_grads(params, graph: jit.Graph, rest, batch: Batch, *, plan):
   """(mean loss, target count) and the gradient, over `grad_accum_steps` micro-batches."""
-  tokens = jnp.asarray(batch["tokens"])
-  mask = batch.get("mask")
-  weights = (jnp.ones(tokens[:, 1:].shape, f32) if mask is None
-             else jnp.asarray(mask, f32)[:, 1:])
+  tokens, weights, segment_ids = _targets(batch)
   count = weights.sum()
   weights = weights / jnp.maximum(count, 1.0)
   grad_fn = jax.value_and_grad(functools.partial(_weighted_loss, plan=plan))
   k = int(plan.config.grad_accum_steps)
   if k == 1:
-    loss, grads = grad_fn(params, graph, rest, tokens, weights)
+    loss, grads = grad_fn(params, graph, rest, tokens, weights, segment_ids)
     return loss, count, grads
 
   def micro(carry, xs):
@@ -227,7 +250,8 @@ def _loss_and_grads(params, graph: jit.Graph, rest, batch: Batch, *, plan):
   # Accumulate in float32 whatever the parameters' dtype: k bf16 partial sums would round k times.
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, f32)), params)
   (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), f32), zeros),
-                                  (split(tokens), split(weights)))
+                                  (split(tokens), split(weights),
+                                   None if segment_ids is None else split(segment_ids)))
   return loss, count, grads
 
 
@@ -243,12 +267,9 @@ def _train_step(graph: jit.Graph, state: TrainState, rest: nnx.State, batch: Bat
 
 
 def _eval_loss(graph: jit.Graph, params, rest, batch, *, plan):
-  tokens = jnp.asarray(batch["tokens"])
-  mask = batch.get("mask")
-  weights = (jnp.ones(tokens[:, 1:].shape, f32) if mask is None
-             else jnp.asarray(mask, f32)[:, 1:])
+  tokens, weights, segment_ids = _targets(batch)
   return _weighted_loss(params, graph, rest, tokens, weights / jnp.maximum(weights.sum(), 1.0),
-                        plan=plan)
+                        segment_ids, plan=plan)
 
 
 def _committed(tree, layout=None):

@@ -30,9 +30,6 @@
 # Colab ships jax; on a GPU runtime install `jax[cuda12]` if `jax.devices()` shows only a CPU.
 
 # %%
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 import nemojax
+from nemojax.testing import notebook_model
 from nemojax import testing as T
-from nemojax.demo import demo_model_path
 from nemojax.demo import data as demo_data
 from nemojax.demo import task as demo_task
 
@@ -50,27 +47,9 @@ try:
 except ImportError:  # plots are optional: every number is printed as well
   plt = None
 
-TINY = os.environ.get("NEMOJAX_NOTEBOOK_TINY") == "1"
-CHECKPOINT = os.environ.get("NEMOJAX_MODEL")
-if not TINY and CHECKPOINT is None and os.environ.get("NEMOJAX_DOWNLOAD") == "1":
-  from huggingface_hub import snapshot_download
-  hf_dir = snapshot_download("nvidia/NVIDIA-Nemotron-Nano-9B-v2")
-  CHECKPOINT = "nano-9b-v2"
-  if not os.path.isdir(CHECKPOINT):  # streams one tensor at a time: ~1.5 GB of RAM
-    subprocess.run([sys.executable, "-m", "nemojax.convert", hf_dir, CHECKPOINT], check=True)
-
-DTYPE = jnp.float32 if TINY else jnp.bfloat16
-if TINY:
-  model = nemojax.load(demo_model_path(), dtype=DTYPE)
-  tok = nemojax.Tokenizer.from_pretrained(demo_model_path())
-elif CHECKPOINT:
-  model = nemojax.load(CHECKPOINT, dtype=DTYPE)
-  tok = nemojax.Tokenizer.from_pretrained(CHECKPOINT)
-else:  # the 9B shape, random weights: real memory and time, meaningless text
-  from nemojax.testing import random_model
-  model = random_model(nemojax.NemotronHConfig.nano_9b_v2(), DTYPE)
-  tok = nemojax.Tokenizer.from_pretrained(demo_model_path())
-MEANINGFUL = TINY or CHECKPOINT is not None
+SETUP = notebook_model()  # NEMOJAX_NOTEBOOK_TINY / NEMOJAX_MODEL / NEMOJAX_DOWNLOAD choose
+model, tok = SETUP.model, SETUP.tokenizer
+TINY, CHECKPOINT, DTYPE, MEANINGFUL = SETUP.tiny, SETUP.checkpoint, SETUP.dtype, SETUP.meaningful
 print("backend:", jax.default_backend(), "| devices:", jax.devices())
 print(f"tiny: {TINY} | checkpoint: {CHECKPOINT} | layers: {model.config.hybrid_override_pattern}")
 

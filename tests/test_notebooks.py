@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from nemojax.testing import notebook_model
+
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.py"))
 
 
@@ -24,11 +26,13 @@ def test_notebook_executes(path, monkeypatch, capsys):
   assert "backend:" in out and "tiny: True" in out
 
 
-def test_every_notebook_has_a_tiny_switch_and_an_ipynb_twin():
+def test_every_notebook_has_a_tiny_switch_and_an_ipynb_twin(monkeypatch):
+  monkeypatch.setenv("NEMOJAX_NOTEBOOK_TINY", "1")
+  assert notebook_model().tiny  # the switch every notebook's set-up cell goes through
   assert len(NOTEBOOKS) >= 5, f"expected the five research notebooks, found {NOTEBOOKS}"
   for path in NOTEBOOKS:
     text = path.read_text()
-    assert 'os.environ.get("NEMOJAX_NOTEBOOK_TINY")' in text, f"{path.name}: no TINY switch"
+    assert "notebook_model()" in text, f"{path.name}: no TINY switch (testing.notebook_model)"
     assert "TPU" in text, f"{path.name}: say what happens on a TPU"
     twin = path.with_suffix(".ipynb")
     assert twin.is_file(), f"{path.name}: no executed {twin.name} (jupytext --to ipynb --execute)"

@@ -14,6 +14,9 @@ Rules, in order (`resolve_implementation`):
   3. An explicit `implementation`; else the kernel on a GPU that compiles it for these shapes.
   4. If the kernel module cannot be imported on this JAX, or (rule 3 without an implementation)
      its compiled body does not trace, XLA with one warning: the model never fails for it.
+
+Packed sequences (`segment_ids`, a full forward only) are XLA by rule 2; an explicit "pallas"
+with them is an error (the kernel takes no segment_ids).
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def resolve_implementation(implementation: str | None, *, num_queries: int, head
 
 
 def attention(q, k, v, pos, start, num_keys=None, *, implementation: str | None = None,
-              key_block: int = reference.DEFAULT_KEY_BLOCK):
+              key_block: int = reference.DEFAULT_KEY_BLOCK, segment_ids=None):
   """Causal GQA attention of t queries at cache indices pos .. pos+t−1 over a heads-major cache.
 
   Args:
@@ -93,14 +96,19 @@ def attention(q, k, v, pos, start, num_keys=None, *, implementation: str | None 
       keys written so far (a cache).
     implementation: None, "xla" or "pallas"; see the module docstring.
     key_block: keys per online-softmax block of the XLA path.
+    segment_ids: None or [b, s] document ids of a full forward's packed rows (XLA only).
 
   Returns:
     [b, t, h, d] in q.dtype.
   """
+  if segment_ids is not None and (num_keys is not None or implementation == "pallas"):
+    raise ValueError("attention: segment_ids (packed sequences) need a full forward on the XLA "
+                     f"path, got num_keys={num_keys!r}, implementation={implementation!r}")
   impl = resolve_implementation(implementation, num_queries=q.shape[1], head_dim=q.shape[-1],
                                 cache_len=k.shape[2], dtype=q.dtype,
                                 over_cache=num_keys is not None)
   if impl == "pallas":
     return _pallas_module().attention(q, k, v, pos, start, num_keys,
                                       interpret=not platform.mosaic_gpu_available())
-  return reference.attention(q, k, v, pos, start, num_keys, key_block=key_block)
+  return reference.attention(q, k, v, pos, start, num_keys, key_block=key_block,
+                             segment_ids=segment_ids)

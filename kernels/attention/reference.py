@@ -8,8 +8,10 @@ head, m = r·t rows of one KV head, s keys (cache positions), n key blocks, d he
 
 Query head i reads KV head i // r. The query at cache index i (queries sit at pos .. pos+t−1)
 of row b may attend key j when start[b] ≤ j ≤ i and j < num_keys: left pads are never attended,
-nor keys not yet written. Keys and values are stored heads-major, [b, kv, s, d], so that every
-product below is a plain batched matmul over (b, kv) with no transposed copy of the cache.
+nor keys not yet written. With `segment_ids` [b, s] (packed documents, a full forward: see
+`kernels/segments.py`) it may attend only keys of its own document. Keys and values are stored
+heads-major, [b, kv, s, d], so that every product below is a plain batched matmul over (b, kv)
+with no transposed copy of the cache.
 
 Two schedules (`attention` picks by the number of queries):
 - `attention_blocked`, many queries (full forward, prefill chunks): keys in blocks with an online
@@ -29,18 +31,25 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from nemojax.kernels.segments import document_index
+
 f32 = jnp.float32
 NEG = -1e30  # finite "minus infinity": fully masked rows stay finite instead of NaN
 DEFAULT_KEY_BLOCK = 1024
 MAX_SPLIT_QUERIES = 16  # up to this many queries per call use the loop-free split-K schedule
 
 
-def _allowed(k_idx, q_pos, start, num_keys):
-  """Mask [b, 1, m, s] (key index k_idx [s], query index q_pos [m], row start [b])."""
+def _allowed(k_idx, q_pos, start, num_keys, docs=None):
+  """Mask [b, 1, m, s] (key index k_idx [s], query index q_pos [m], row start [b]); docs, if
+  given, is (document of each query row [b, m], document of every key [b, s_all])."""
   ok = k_idx[None, :] <= q_pos[:, None]  # [m, s]
   if num_keys is not None:
     ok = ok & (k_idx[None, :] < num_keys)
-  return ok[None, None] & (k_idx >= start[:, None])[:, None, None, :]
+  ok = ok[None, None] & (k_idx >= start[:, None])[:, None, None, :]
+  if docs is not None:
+    q_doc, k_doc = docs
+    ok = ok & (q_doc[:, :, None] == k_doc[:, k_idx][:, None, :])[:, None]
+  return ok
 
 
 def split_block_size(s: int, target_blocks: int = 32, min_block: int = 128) -> int:
@@ -52,12 +61,13 @@ def split_block_size(s: int, target_blocks: int = 32, min_block: int = 128) -> i
   return blk if blk >= 64 else s  # an awkward length: one block (correct, less parallel)
 
 
-def _split(qg, k, v, q_pos, start, num_keys, scale):
+def _split(qg, k, v, q_pos, start, num_keys, scale, docs=None):
   """Loop-free attention over all s keys. qg [b, kv, m, d]; k/v [b, kv, s, d]; q_pos [m]."""
   s = k.shape[2]
   nb = s // split_block_size(s)
   k_idx = jnp.arange(s)
-  allowed = rearrange(_allowed(k_idx, q_pos, start, num_keys), "b o m (n s) -> b o n m s", n=nb)
+  allowed = rearrange(_allowed(k_idx, q_pos, start, num_keys, docs), "b o m (n s) -> b o n m s",
+                      n=nb)
   # Block index n is a batch dimension of both products (kept ahead of m and s, which XLA's CPU
   # dot requires for bf16 × bf16 -> f32).
   scores = jnp.einsum("bkmd,bknsd->bknms", qg, rearrange(k, "b k (n s) d -> b k n s d", n=nb),
@@ -72,7 +82,7 @@ def _split(qg, k, v, q_pos, start, num_keys, scale):
   return (acc * w[..., None]).sum(2) / (l_blk * w).sum(2)[..., None]  # [b, kv, m, d]
 
 
-def _blocked(qg, k, v, q_pos, start, num_keys, scale, key_block):
+def _blocked(qg, k, v, q_pos, start, num_keys, scale, key_block, docs=None):
   """Online softmax over key blocks. qg [b, kv, m, d]; k/v [b, kv, s, d]; q_pos [m]."""
   b, kv, m, d = qg.shape
   s = k.shape[2]
@@ -84,7 +94,7 @@ def _blocked(qg, k, v, q_pos, start, num_keys, scale, key_block):
     # The last block is shifted back to stay in bounds; keys it re-visits are masked out.
     lo = jnp.minimum(i * blk, s - blk)
     k_idx = lo + jnp.arange(blk)
-    allowed = _allowed(k_idx, q_pos, start, num_keys) & (k_idx >= i * blk)
+    allowed = _allowed(k_idx, q_pos, start, num_keys, docs) & (k_idx >= i * blk)
     k_blk = jax.lax.dynamic_slice_in_dim(k, lo, blk, axis=2)
     v_blk = jax.lax.dynamic_slice_in_dim(v, lo, blk, axis=2)
     sc = jnp.einsum("bkmd,bksd->bkms", qg, k_blk, preferred_element_type=f32) * scale
@@ -104,7 +114,7 @@ def _blocked(qg, k, v, q_pos, start, num_keys, scale, key_block):
   return acc / l[..., None]
 
 
-def _run(schedule, q, k, v, pos, start, num_keys):
+def _run(schedule, q, k, v, pos, start, num_keys, segment_ids=None):
   """Checks shapes, groups the queries by KV head, runs `schedule`, ungroups: [b, t, h, d]."""
   b, t, h, d = q.shape
   kv, s = k.shape[1], k.shape[2]
@@ -115,23 +125,34 @@ def _run(schedule, q, k, v, pos, start, num_keys):
   qg = rearrange(q, "b t (kv r) d -> b kv (r t) d", kv=kv)
   q_pos = jnp.tile(pos + jnp.arange(t, dtype=jnp.int32), r)  # [m]: index of each row of qg
   num_keys = None if num_keys is None else jnp.asarray(num_keys, jnp.int32)
-  out = schedule(qg, k, v, q_pos, jnp.asarray(start, jnp.int32), num_keys, 1.0 / (d ** 0.5))
+  docs = None
+  if segment_ids is not None:
+    if segment_ids.shape != (b, s):
+      raise ValueError(f"attention: segment_ids must be [batch, keys] = {(b, s)}, "
+                       f"got {segment_ids.shape}")
+    k_doc = document_index(segment_ids)
+    docs = (k_doc[:, q_pos], k_doc)
+  out = schedule(qg, k, v, q_pos, jnp.asarray(start, jnp.int32), num_keys, 1.0 / (d ** 0.5),
+                 docs=docs)
   return rearrange(out, "b kv (r t) d -> b t (kv r) d", r=r).astype(q.dtype)
 
 
 @jax.jit
-def attention_split(q, k, v, pos, start, num_keys=None):
+def attention_split(q, k, v, pos, start, num_keys=None, segment_ids=None):
   """The split-K schedule; arguments and result as in `attention`."""
-  return _run(_split, q, k, v, pos, start, num_keys)
+  return _run(_split, q, k, v, pos, start, num_keys, segment_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("key_block",))
-def attention_blocked(q, k, v, pos, start, num_keys=None, *, key_block: int = DEFAULT_KEY_BLOCK):
+def attention_blocked(q, k, v, pos, start, num_keys=None, segment_ids=None, *,
+                      key_block: int = DEFAULT_KEY_BLOCK):
   """The blocked online-softmax schedule; arguments and result as in `attention`."""
-  return _run(functools.partial(_blocked, key_block=key_block), q, k, v, pos, start, num_keys)
+  return _run(functools.partial(_blocked, key_block=key_block), q, k, v, pos, start, num_keys,
+              segment_ids)
 
 
-def attention(q, k, v, pos, start, num_keys=None, *, key_block: int = DEFAULT_KEY_BLOCK):
+def attention(q, k, v, pos, start, num_keys=None, *, key_block: int = DEFAULT_KEY_BLOCK,
+              segment_ids=None):
   """Causal GQA attention with left-pad masking (the signature of the Pallas kernel's).
 
   Args:
@@ -142,6 +163,8 @@ def attention(q, k, v, pos, start, num_keys=None, *, key_block: int = DEFAULT_KE
     num_keys: None (all s keys may be attended) or an int32 scalar count of keys written so far;
       the blocked schedule skips the blocks beyond it, the split schedule masks them.
     key_block: keys per online-softmax block.
+    segment_ids: None or [b, s] ids of the keys' documents (packed sequences): a query attends
+      only keys of its own document.
 
   Returns:
     [b, t, h, d] in q.dtype. Rows whose query sits before `start` (padding) hold arbitrary
@@ -149,5 +172,5 @@ def attention(q, k, v, pos, start, num_keys=None, *, key_block: int = DEFAULT_KE
   """
   t, s = q.shape[1], k.shape[2]
   if t <= MAX_SPLIT_QUERIES or min(key_block, s) == s:
-    return attention_split(q, k, v, pos, start, num_keys)
-  return attention_blocked(q, k, v, pos, start, num_keys, key_block=key_block)
+    return attention_split(q, k, v, pos, start, num_keys, segment_ids)
+  return attention_blocked(q, k, v, pos, start, num_keys, segment_ids, key_block=key_block)

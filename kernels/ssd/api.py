@@ -8,6 +8,10 @@
             Hopper-or-newer GPU they run on Mosaic GPU's CPU interpreter (slow: for tests); an error
             for shapes they do not support.
   "naive"   the `lax.scan` oracle; for tests.
+
+Packed sequences (`segment_ids` given): only the XLA and naive paths reset the state at document
+boundaries, so None picks "xla" and "pallas" is an error (the Mosaic GPU kernels take no
+segment_ids yet).
 """
 
 from __future__ import annotations
@@ -56,18 +60,28 @@ def resolve_implementation(implementation: str | None, **shape_info) -> str:
 
 
 def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 128,
-        implementation: str | None = None):
+        implementation: str | None = None, segment_ids=None):
   """The SSD scan; see `reference` for the math and shapes.
+
+  `segment_ids` [b, t] (packed documents, state reset at each boundary) runs the XLA path (or
+  "naive"); the Pallas kernels do not take them.
 
   Returns y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32.
   """
-  impl = resolve_implementation(
-      implementation, head_dim=x.shape[-1], state_size=B.shape[-1], chunk_size=chunk_size,
-      dtype=x.dtype)
+  if segment_ids is not None:
+    if implementation == "pallas":
+      raise ValueError("ssd: implementation='pallas' does not support segment_ids (packed "
+                       "sequences); use implementation='xla' or None")
+    impl = resolve_implementation(implementation or "xla")
+  else:
+    impl = resolve_implementation(
+        implementation, head_dim=x.shape[-1], state_size=B.shape[-1], chunk_size=chunk_size,
+        dtype=x.dtype)
   if impl == "xla":
-    return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
+    return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, segment_ids,
+                                 chunk_size=chunk_size)
   if impl == "naive":
-    return reference.ssd_naive(x, dt, A, B, C, D, initial_state)
+    return reference.ssd_naive(x, dt, A, B, C, D, initial_state, segment_ids)
   from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd  # noqa: PLC0415  (chosen: errors surface)
   return pallas_mosaic_gpu_bwd.ssd(x, dt, A, B, C, D, initial_state=initial_state,
                                    chunk_size=chunk_size,
