@@ -17,6 +17,7 @@ import datetime
 import functools
 import importlib.resources
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,12 @@ def select_template(templates: Mapping[str, str], source: str, chat_template: st
       f"chat_template= one of {sorted(templates)}.")
 
 
+def _switched_by_variable(template: str) -> bool:
+  """Whether `template` switches reasoning with ``enable_thinking`` alone (no /think markers;
+  the closing tag ``</think>`` is not a marker)."""
+  return "enable_thinking" in template and not re.search(r"(?<!<)/think\b|/no_think", template)
+
+
 def render_chat(template: str, source: str, messages: Sequence[Mapping[str, Any]], *,
                 add_generation_prompt: bool, thinking: bool | None,
                 variables: Mapping[str, Any]) -> str:
@@ -238,8 +245,10 @@ def render_chat(template: str, source: str, messages: Sequence[Mapping[str, Any]
     template: Jinja text; `source` names it in errors.
     messages: Dicts with ``role`` and ``content``.
     add_generation_prompt: End with the assistant header so the model answers next.
-    thinking: None keeps the messages' markers; True or False rewrites them (`set_reasoning`)
-      and is passed to the template as ``enable_thinking`` unless `variables` sets it.
+    thinking: None keeps the messages' markers; True or False is passed to the template as
+      ``enable_thinking`` unless `variables` sets it, and rewrites the messages' markers
+      (`set_reasoning`) unless the template reads ``enable_thinking`` and never mentions the
+      markers (Nemotron 3's Qwen-style templates), where a marker would only be text to the model.
     variables: Further template variables (special tokens, ``tools``, ``documents``, ...).
 
   Raises:
@@ -255,7 +264,8 @@ def render_chat(template: str, source: str, messages: Sequence[Mapping[str, Any]
                        f"{message!r:.200}")
   variables = dict(variables)
   if thinking is not None:
-    messages = set_reasoning(messages, thinking)
+    if not _switched_by_variable(template):
+      messages = set_reasoning(messages, thinking)
     variables.setdefault("enable_thinking", bool(thinking))
   compiled = compile_template(template, source)
   try:

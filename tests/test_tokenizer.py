@@ -352,3 +352,34 @@ def test_build_tokenizer_rejects_bad_sizes(tmp_path):
     build_tokenizer(CORPUS, 100, tmp_path)
   with pytest.raises(ValueError, match="num_reserved=8"):
     build_tokenizer(CORPUS, 500, tmp_path, num_reserved=8)
+
+
+# A template switched by the `enable_thinking` variable alone, as public descriptions give
+# Nemotron 3's (Qwen-style turns; reasoning off appends an empty think block). Written for this
+# test, not NVIDIA's file.
+VARIABLE_SWITCHED = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>"
+    "{% else %}<think>\n{% endif %}{% endif %}")
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_variable_switched_template_gets_no_marker_text(thinking):
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+  text = ct.render_chat(VARIABLE_SWITCHED, "test", messages, add_generation_prompt=True,
+                        thinking=thinking, variables={})
+  assert "/think" not in text.replace("</think>", "") and "/no_think" not in text
+  assert text.endswith("<think>\n" if thinking else "<think></think>")
+  assert "Be brief.<|im_end|>" in text  # the system message is left as written
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_marker_templates_still_get_markers(tok, thinking):
+  """NVIDIA's Nano-9B-v2 template reads /think and /no_think: the switch writes the marker, so
+  `thinking=` renders exactly what the marker written by hand does."""
+  marker = "/think" if thinking else "/no_think"
+  by_argument = tok.apply_chat_template([{"role": "user", "content": "Hi"}], thinking=thinking)
+  by_hand = tok.apply_chat_template([{"role": "system", "content": marker},
+                                     {"role": "user", "content": "Hi"}])
+  assert by_argument == by_hand
