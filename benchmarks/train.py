@@ -74,11 +74,13 @@ def log(*a):
 def model_config(name: str) -> nemojax.NemotronHConfig:
   if name == "tiny":
     return nemojax.NemotronHConfig.tiny(vocab_size=256, hybrid_override_pattern="M-M*")
+  if name == "nano9b":  # the whole Nano-9B-v2 shape (the LoRA target)
+    return nemojax.NemotronHConfig.nano_9b_v2()
   if name == "slice":
     return dataclasses.replace(nemojax.NemotronHConfig.nano_9b_v2(),
                                hybrid_override_pattern=SLICE_PATTERN,
                                num_hidden_layers=len(SLICE_PATTERN))
-  raise SystemExit(f"--config: got {name!r}, expected 'slice' or 'tiny'")
+  raise SystemExit(f"--config: got {name!r}, expected 'slice', 'nano9b' or 'tiny'")
 
 
 def peak_bytes() -> int:
@@ -169,7 +171,7 @@ def table(rows: list[dict]) -> str:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="slice", help="slice (GPU) or tiny (CPU smoke test)")
+  p.add_argument("--config", default="slice", help="slice or nano9b (GPU), tiny (CPU smoke test)")
   p.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, of: {DEFAULT_CASES}")
   p.add_argument("--seq", type=int, default=4096, help="tokens per row")
   p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
