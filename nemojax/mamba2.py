@@ -163,7 +163,8 @@ class Mamba2Mixer(nnx.Module):
     else:
       scan = lambda *a: ssd_api.ssd(*a[:6], initial_state=a[6], chunk_size=self.chunk_size,
                                     implementation=impl, segment_ids=segment_ids)
-      # A custom call: run it per shard on a mesh (no-op without one). Packed rows: XLA.
+      # A custom call: run it per shard on a mesh (no-op without one). Packed rows run as one
+      # call (ssd_per_shard takes no segment_ids; on a mesh the automatic choice is XLA).
       if impl == "pallas" and segment_ids is None:
         y, ssm = sharding.ssd_per_shard(self, scan, x, dt, A, B, C, D,
                                         None if state is None else state.ssm)

@@ -71,18 +71,20 @@ def test_ssd_chunked_gradient_with_segments_is_finite_and_matches_naive():
     T.assert_close(a, e, "float32", "same")
 
 
-def test_ssd_dispatcher_takes_xla_with_segments(monkeypatch):
+def test_ssd_dispatcher_passes_segments_on(monkeypatch):
   x, dt, A, B, C, D, s0 = _ssd_inputs(np.random.default_rng(2), 2, T_LEN)
   seg = _segment_ids()
   called = []
   real = reference.ssd_chunked
-  monkeypatch.setattr(reference, "ssd_chunked", lambda *a, **k: called.append(1) or real(*a, **k))
-  # Even where the kernel would be chosen, segment_ids route to XLA.
+  monkeypatch.setattr(reference, "ssd_chunked",
+                      lambda *a, **k: called.append(a[7]) or real(*a, **k))
+  # Shapes the kernel does not take: XLA, with the documents (the Pallas kernels take them too;
+  # tests/test_ssd_pallas.py checks packed rows there).
   monkeypatch.setattr(ssd_api.platform, "mosaic_gpu_available", lambda: True)
   y, _ = ssd_api.ssd(x, dt, A, B, C, D, initial_state=s0, chunk_size=8, segment_ids=seg)
-  assert called
+  assert called and called[0] is seg
   T.assert_close(y, reference.ssd_naive(x, dt, A, B, C, D, s0, seg)[0], "float32", "same")
-  with pytest.raises(ValueError, match="segment_ids"):
+  with pytest.raises(ValueError, match="bfloat16"):  # asked for, the kernel names what it lacks
     ssd_api.ssd(x, dt, A, B, C, D, chunk_size=8, implementation="pallas", segment_ids=seg)
 
 

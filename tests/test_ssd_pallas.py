@@ -176,3 +176,82 @@ def test_compiled_dispatch_uses_the_kernels():
   close(s, s_ref, "state")
   g_k = grads(lambda *a: api.ssd(*a[:6], initial_state=a[6]), args)
   check_grads(g_k, grads(ref32_vjp(args), args), args)
+
+
+# Packed rows (batch 2): documents that start mid-block, at a block's first step (128), a one-step
+# document, an id reused by a later document, and a document crossing the block end.
+PACKED_LENGTHS = ([37, 91, 1, 21, 50], [5, 56, 138, 1])
+PACKED_IDS = ([4, 1, 9, 2, 4], [3, 4, 3, 0])
+
+
+def packed_segments():
+  return np.stack([np.repeat(ids, lens) for ids, lens in zip(PACKED_IDS, PACKED_LENGTHS)])
+
+
+def _doc_grads(doc, wy, ws, first, last):
+  """Gradients, y and final state of one document's part of the packed loss (fp32 naive)."""
+  def loss(x, dt, A, B, C, D, s0):
+    y, s = reference.ssd_naive(x, dt, A, B, C, D, s0 if first else None)
+    return jnp.sum(y * wy) + (jnp.sum(s * ws) if last else 0.0), (y, s)
+  return jax.grad(loss, range(7), has_aux=True)(*doc)
+
+
+def documents_alone(args, wy, ws):
+  """y, final state and gradients of the packed loss, each document run alone."""
+  x, dt, A, B, C, D, s0 = (jnp.asarray(a, jnp.float32) for a in args)
+  y = np.zeros(x.shape, np.float32)
+  fin = np.zeros(s0.shape, np.float32)
+  g = [np.zeros(a.shape, np.float32) for a in (x, dt, A, B, C, D, s0)]
+  for row, lens in enumerate(PACKED_LENGTHS):
+    ends = np.cumsum(lens)
+    for i, (lo, hi) in enumerate(zip(ends - np.array(lens), ends)):
+      span = (slice(row, row + 1), slice(lo, hi))
+      doc = (x[span], dt[span], A, B[span], C[span], D, s0[row:row + 1])
+      gd, (yd, sd) = _doc_grads(doc, wy[span], ws[row:row + 1], i == 0, i == len(lens) - 1)
+      y[row, lo:hi] = yd[0]
+      fin[row] = sd[0]  # the last document's stays
+      for k in (0, 1, 3, 4):
+        g[k][row, lo:hi] = gd[k][0]
+      g[2] += gd[2]
+      g[5] += gd[5]
+      if i == 0:
+        g[6][row] = gd[6][0]
+  return y, fin, g
+
+
+@pytest.mark.slow
+def test_packed_rows_equal_documents_alone():
+  # Forward and every gradient of packed rows through the Pallas kernels (interpreted) against
+  # each document run alone; the initial state is the first document's, the final the last's.
+  args = inputs(21, b=2, t=200, h=2, p=64, g=1, with_state=True)
+  seg = jnp.asarray(packed_segments())
+  rng = np.random.default_rng(3)
+  # y is bf16, so its cotangent is too: give the references the same (bf16-exact) one, else dA,
+  # a sum with cancellation, differs by ~1% from that rounding alone.
+  wy = jnp.asarray(rng.standard_normal(args[0].shape), jnp.bfloat16).astype(jnp.float32)
+  ws = jnp.asarray(rng.standard_normal(args[6].shape), jnp.float32)
+
+  def loss(*a):
+    y, s = api.ssd(*a[:6], initial_state=a[6], chunk_size=128, implementation="pallas",
+                   segment_ids=seg)
+    return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(s * ws), (y, s)
+  g_kern, (y, s) = jax.grad(loss, range(7), has_aux=True)(*args)
+  y_ref, s_ref, g_ref = documents_alone(args, wy, ws)
+  close(y, y_ref, "y")
+  close(s, s_ref, "final state")
+  check_grads(g_kern, g_ref, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [64, 80])
+def test_compiled_packed_rows(p):
+  args = inputs(p, b=2, t=200, h=4, p=p, g=2, with_state=True)
+  seg = jnp.asarray(packed_segments())
+  kern = lambda *a: pmg.ssd(*a, chunk_size=128, segment_ids=seg)
+  y, s = jax.jit(kern)(*args)
+  y_ref, s_ref = reference.ssd_naive(*args, seg)
+  close(y, y_ref, "y")
+  close(s, s_ref, "state")
+  up = lambda a: a.astype(jnp.float32)
+  ref = lambda x, dt, A, B, C, D, s0: reference.ssd_naive(up(x), dt, A, up(B), up(C), D, s0, seg)
+  check_grads(jax.jit(lambda *a: grads(kern, a))(*args), grads(ref, args), args)

@@ -9,9 +9,9 @@
             for shapes they do not support.
   "naive"   the `lax.scan` oracle; for tests.
 
-Packed sequences (`segment_ids` given): only the XLA and naive paths reset the state at document
-boundaries, so None picks "xla" and "pallas" is an error (the Mosaic GPU kernels take no
-segment_ids yet).
+Packed sequences (`segment_ids` given): every implementation resets the state at document
+boundaries (the Mosaic GPU kernels through a penalty on the log-decay at each document's first
+step, `pallas_mosaic_gpu.DOC_PENALTY`), so None picks as without them.
 """
 
 from __future__ import annotations
@@ -63,20 +63,14 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 128,
         implementation: str | None = None, segment_ids=None):
   """The SSD scan; see `reference` for the math and shapes.
 
-  `segment_ids` [b, t] (packed documents, state reset at each boundary) runs the XLA path (or
-  "naive"); the Pallas kernels do not take them.
+  `segment_ids` [b, t] (packed documents, state reset at each boundary; the initial state is the
+  first document's, the final state the last's) are taken by every implementation.
 
   Returns y [b, t, h, p] in x.dtype and the final state [b, h, p, n] in float32.
   """
-  if segment_ids is not None:
-    if implementation == "pallas":
-      raise ValueError("ssd: implementation='pallas' does not support segment_ids (packed "
-                       "sequences); use implementation='xla' or None")
-    impl = resolve_implementation(implementation or "xla")
-  else:
-    impl = resolve_implementation(
-        implementation, head_dim=x.shape[-1], state_size=B.shape[-1], chunk_size=chunk_size,
-        dtype=x.dtype)
+  impl = resolve_implementation(
+      implementation, head_dim=x.shape[-1], state_size=B.shape[-1], chunk_size=chunk_size,
+      dtype=x.dtype)
   if impl == "xla":
     return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, segment_ids,
                                  chunk_size=chunk_size)
@@ -84,7 +78,7 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 128,
     return reference.ssd_naive(x, dt, A, B, C, D, initial_state, segment_ids)
   from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd  # noqa: PLC0415  (chosen: errors surface)
   return pallas_mosaic_gpu_bwd.ssd(x, dt, A, B, C, D, initial_state=initial_state,
-                                   chunk_size=chunk_size,
+                                   chunk_size=chunk_size, segment_ids=segment_ids,
                                    interpret=not platform.mosaic_gpu_available())
 
 

@@ -59,12 +59,17 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from nemojax.kernels import platform
+from nemojax.kernels.segments import document_index
 from nemojax.kernels.ssd import reference
 
 f32 = jnp.float32
 _ROWS = 64  # wgmma M: every tile of rows a warpgroup owns
 _COMPUTE_WGS = 2
 _SMEM_LIMIT = 227 * 1024  # Hopper's per-block dynamic shared memory
+# Packed sequences: added to a = dt·A at each document's first step, so that every decay across a
+# boundary, e^{Λ_l − Λ_s} ≤ e^{−128}, is exactly 0 in fp32, while Λ stays small enough for its
+# fp32 rounding (~8e-6 per boundary in the block) to stay far under the bf16 operands' 4e-3.
+DOC_PENALTY = 128.0
 # Head dims compiled and checked on an H200 (BENCHMARKS.md shapes). Other multiples of 16 that fit
 # in shared memory should work but have not run on hardware, so the dispatcher keeps them on XLA.
 VERIFIED_HEAD_DIMS = (64, 80)
@@ -93,7 +98,7 @@ class Config:
   approx_math: bool = True
   fuse_waits: bool = False
   probe: str = ""
-  backward: str = "pallas"
+  backward: str = "blocks"
   bwd_stages: int = 1
   bwd_grad_dtype: str = "bfloat16"
 
@@ -102,8 +107,9 @@ class Config:
       raise ValueError(f"Config.block_t must be {_ROWS * _COMPUTE_WGS}, got {self.block_t}")
     if self.num_stages < 1:
       raise ValueError(f"Config.num_stages must be >= 1, got {self.num_stages}")
-    if self.backward not in ("pallas", "xla"):
-      raise ValueError(f"Config.backward must be 'pallas' or 'xla', got {self.backward!r}")
+    if self.backward not in ("pallas", "blocks", "xla"):
+      raise ValueError(f"Config.backward must be 'pallas', 'blocks' or 'xla', "
+                       f"got {self.backward!r}")
     if self.bwd_stages < 1:
       raise ValueError(f"Config.bwd_stages must be >= 1, got {self.bwd_stages}")
 
@@ -196,7 +202,11 @@ class _Box:
 
 
 def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpret: bool,
-                  emit_states: bool = False):
+                  emit_states: bool = False, reverse: bool = False):
+  """The scan kernel, or with `reverse` its adjoint walk for the backward (module docstring of
+  `pallas_mosaic_gpu_bwd_blocks`): blocks from last to first, sources after queries, decays
+  e^{Λ_s − Λ_l}, dt on the query rows, the entering state weighted by e^{Λ_last − Λ_l} and the
+  sources' state weights e^{Λ_s}."""
   T = config.block_t
   nc = t // T
   r = h // g
@@ -227,6 +237,9 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       init_bar=plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
   )
 
+  def blk(c):  # the block handled at step c
+    return nc - 1 - c if reverse else c
+
   def body(x_ref, bt_ref, c_ref, lam_ref, dt_ref, d_ref, init_ref, y_ref, fin_ref, states_ref, *,
            x_s, c_s, bt_s, lam_s, dt_s, st_s, y_s, in_bar, free_bar, st_ready, st_read,
            init_bar):
@@ -236,7 +249,7 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
     wg = lax.axis_index("wg")
 
     def fetch(c, slot, first=True):
-      rows = pl.ds(c * T, T)
+      rows = pl.ds(blk(c) * T, T)
       bar = in_bar.at[slot]
       plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi, :], x_s.at[slot], bar)
       if first or config.probe != "no_bc_reload":
@@ -297,7 +310,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           y_s.at[w][...] = state.astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(y_s.at[w], y_ref.at[bi, pl.ds(c * T + w * _ROWS, _ROWS), hi, :])
+          plgpu.copy_smem_to_gmem(y_s.at[w], y_ref.at[bi, pl.ds(blk(c) * T + w * _ROWS, _ROWS),
+                                                      hi, :])
           return state
 
         # Publish the entering state (bf16) for both warpgroups' C·Sᵀ, once both are done
@@ -308,30 +322,46 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
         st_s.at[own][...] = state.astype(dtype)
         plgpu.commit_smem()
         if emit_states:  # the backward's S_in; read before st_s is next written (waits below)
-          plgpu.copy_smem_to_gmem(st_s.at[own], states_ref.at[bi, hi, c, own, :])
+          plgpu.copy_smem_to_gmem(st_s.at[own], states_ref.at[bi, hi, blk(c), own, :])
         plgpu.barrier_arrive(st_ready)
         plgpu.barrier_wait(st_ready)
 
         c_own = ops.load(c_t.at[own], WG)                              # [l, n] bf16
         lam_l = ops.load(lam_t.at[own], ROW)                           # [l]
-        srcs = [pl.ds(j * _ROWS, _ROWS) for j in range(w + 1)]  # causal: tiles up to the diagonal
+        # Causal: source tiles up to the diagonal (reverse: from it on).
+        src_tiles = range(w, _COMPUTE_WGS) if reverse else range(w + 1)
+        srcs = [pl.ds(j * _ROWS, _ROWS) for j in src_tiles]
+        dt_l = ops.load(dt_t.at[own], ROW) if reverse else None
 
         def masked(cb, j):
-          """CB∘L for source tile j: L[l, s] = e^{Λ_l − Λ_s} dt_s for s ≤ l, D on the diagonal."""
+          """CB∘L for source tile j: L[l, s] = e^{Λ_l − Λ_s} dt_s for s ≤ l, D on the diagonal
+          (reverse: e^{Λ_s − Λ_l} dt_l for s ≥ l)."""
           shape = cb.shape
+          src = pl.ds(j * _ROWS, _ROWS)
           seg = (lax.broadcast_in_dim(lam_l, shape, [0])
-                 - lax.broadcast_in_dim(ops.load(lam_t.at[srcs[j]], COL), shape, [1]))
+                 - lax.broadcast_in_dim(ops.load(lam_t.at[src], COL), shape, [1]))
           # min(·, 0): above the diagonal the difference is positive and exp could overflow.
-          pm = (cb * jnp.exp(jnp.minimum(seg, 0.0))
-                * lax.broadcast_in_dim(ops.load(dt_t.at[srcs[j]], COL), shape, [1]))
+          if reverse:
+            pm = cb * jnp.exp(jnp.minimum(-seg, 0.0)) * lax.broadcast_in_dim(dt_l, shape, [0])
+          else:
+            pm = (cb * jnp.exp(jnp.minimum(seg, 0.0))
+                  * lax.broadcast_in_dim(ops.load(dt_t.at[src], COL), shape, [1]))
           if j == w:
             li, si = ops.iota(shape, 0), ops.iota(shape, 1)
-            pm = jnp.where(li > si, pm, jnp.where(li == si, pm + d, 0.0))
+            pm = jnp.where(li < si if reverse else li > si, pm,
+                           jnp.where(li == si, pm + d, 0.0))
           return pm.astype(dtype)
 
+        def entering_weight():  # e^{Λ_l} per own row (reverse: e^{Λ_last − Λ_l} dt_l)
+          return jnp.exp(lam_last - lam_l) * dt_l if reverse else jnp.exp(lam_l)
+
         def state_operand():
-          """Bᵀ diag(w) for own state rows, w_s = e^{Λ_last − Λ_s} dt_s (bf16, registers)."""
-          wv = jnp.exp(lam_last - ops.load(lam_t, COL)) * ops.load(dt_t, COL)
+          """Bᵀ diag(w) for own state rows, w_s = e^{Λ_last − Λ_s} dt_s (reverse: e^{Λ_s});
+          bf16, registers."""
+          if reverse:
+            wv = jnp.exp(ops.load(lam_t, COL))
+          else:
+            wv = jnp.exp(lam_last - ops.load(lam_t, COL)) * ops.load(dt_t, COL)
           bt_own = ops.load(bt_t.at[own], WG).astype(f32)               # [n(own), s]
           return (bt_own * lax.broadcast_in_dim(wv, bt_own.shape, [1])).astype(dtype)
 
@@ -339,12 +369,12 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
         if config.fuse_waits:
           def products(accs):
             ops.mma(accs[0], c_own, st_s)                                # C·Sᵀ [l, p]
-            for j, src in enumerate(srcs):
-              ops.mma(accs[1 + j], c_own, bt_t.at[:, src])               # C·Bᵀ [l, s]
+            for k, src in enumerate(srcs):
+              ops.mma(accs[1 + k], c_own, bt_t.at[:, src])               # C·Bᵀ [l, s]
           y, *cbs = ops.run(products, [(_ROWS, p)] + [(_ROWS, _ROWS)] * len(srcs))
           plgpu.barrier_arrive(st_read)
-          y = y * lax.broadcast_in_dim(jnp.exp(lam_l), y.shape, [0])
-          pms = [masked(cb, j) for j, cb in enumerate(cbs)]
+          y = y * lax.broadcast_in_dim(entering_weight(), y.shape, [0])
+          pms = [masked(cb, j) for j, cb in zip(src_tiles, cbs)]
           a_op = state_operand()
 
           def updates(accs):  # every register operand is ready before the first issue
@@ -355,8 +385,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
         else:
           y, = ops.run(lambda accs: ops.mma(accs[0], c_own, st_s), [(_ROWS, p)])
           plgpu.barrier_arrive(st_read)
-          y = y * lax.broadcast_in_dim(jnp.exp(lam_l), y.shape, [0])
-          for j, src in enumerate(srcs):
+          y = y * lax.broadcast_in_dim(entering_weight(), y.shape, [0])
+          for j, src in zip(src_tiles, srcs):
             cb, = ops.run(lambda accs: ops.mma(accs[0], c_own, bt_t.at[:, src]),
                           [(_ROWS, _ROWS)])
             pm = masked(cb, j)
@@ -369,7 +399,8 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         y_s.at[w][...] = y.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_s.at[w], y_ref.at[bi, pl.ds(c * T + w * _ROWS, _ROWS), hi, :])
+        plgpu.copy_smem_to_gmem(y_s.at[w], y_ref.at[bi, pl.ds(blk(c) * T + w * _ROWS, _ROWS),
+                                                    hi, :])
         return state
 
       state = lax.fori_loop(0, nc, block, state)
@@ -418,13 +449,16 @@ def split3(s32):
   return jnp.stack(pieces)
 
 
-def prepare(x, dt, A, B, C, D, initial_state, config: Config):
+def prepare(x, dt, A, B, C, D, initial_state, config: Config, segment_ids=None):
   """Checks, padding to whole blocks and the XLA-side layouts both kernels read.
 
-  Returns a dict: shapes (b, t, tp, h, p, g, n), x, B, C padded (bf16), dt and Λ padded and
-  transposed to [b, h, t] (fp32), Bᵀ [b, g, n, t], D (fp32, zeros if None).
+  Returns a dict: shapes (b, t, tp, h, p, g, n), x, B, C padded (bf16), dt, a = dt·A (with
+  `DOC_PENALTY` subtracted at document starts when `segment_ids` [b, t] is given) and its
+  block-local cumsum Λ, padded and transposed to [b, h, t] (fp32), Bᵀ [b, g, n, t], D (fp32,
+  zeros if None).
   """
   b, t, h, p, g, n = reference._check_shapes(x, dt, A, B, C, D, initial_state)
+  reference._check_segments(segment_ids, b, t)
   dtype = x.dtype
   if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
     raise ValueError(f"ssd (pallas): x must be bfloat16, got {dtype}; "
@@ -441,20 +475,25 @@ def prepare(x, dt, A, B, C, D, initial_state, config: Config):
   Bk = pad_t(B.astype(dtype))
   dtf = pad_t(dt.astype(f32))                                   # [b, t, h]; padded steps dt = 0
   a = dtf * A.astype(f32)
+  if segment_ids is not None:  # a document's first step forgets the state (never step 0)
+    doc = document_index(segment_ids)
+    start = jnp.concatenate([jnp.zeros((b, 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
+    a = a - jnp.where(pad_t(start), DOC_PENALTY, 0.0)[:, :, None]
   lam = jnp.cumsum(a.reshape(b, tp // T, T, h), axis=2).reshape(b, tp, h)
   return dict(
       b=b, t=t, tp=tp, h=h, p=p, g=g, n=n, pad_t=pad_t,
       x=pad_t(x), B=Bk, C=pad_t(C.astype(dtype)),
       lam_t=jnp.transpose(lam, (0, 2, 1)),                      # [b, h, t]
       dt_t=jnp.transpose(dtf, (0, 2, 1)),                       # [b, h, t]
+      a_t=jnp.transpose(a, (0, 2, 1)),                          # [b, h, t]
       bt=jnp.transpose(Bk, (0, 2, 3, 1)),                       # [b, g, n, t]
       d=jnp.zeros((h,), f32) if D is None else D.astype(f32))
 
 
 def forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
-            emit_states: bool = False):
+            emit_states: bool = False, segment_ids=None):
   """The forward kernel (not differentiable: `pallas_mosaic_gpu_bwd.ssd` is the public entry)."""
-  k = prepare(x, dt, A, B, C, D, initial_state, config)
+  k = prepare(x, dt, A, B, C, D, initial_state, config, segment_ids)
   b, t, h, p, n = k["b"], k["t"], k["h"], k["p"], k["n"]
   has_init = initial_state is not None
   if has_init:  # Sᵀ [b, h, n, p] split exactly into three bf16 pieces

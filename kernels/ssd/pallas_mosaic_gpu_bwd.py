@@ -308,13 +308,14 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, grad_dtype, has_dfin, config, inte
   )
 
 
-def backward(x, dt, A, B, C, D, initial_state, states, cotangents, *, config, interpret):
+def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, cotangents, *, config,
+             interpret):
   """Cotangents of (x, dt, A, B, C, D, initial_state) for those of (y, final state).
 
   `states`: the forward's Sᵀ entering every block, bf16 [b, h, c, n, p].
   """
   dy, dfin = cotangents
-  k = fwd.prepare(x, dt, A, B, C, D, initial_state, config)
+  k = fwd.prepare(x, dt, A, B, C, D, initial_state, config, segment_ids)
   b, t, tp, h, p, g, n = (k[key] for key in ("b", "t", "tp", "h", "p", "g", "n"))
   T = config.block_t
   nc = tp // T
@@ -364,38 +365,45 @@ def _epilogue(x, dt, A, B, C, D, initial_state, k, dx, db_h, dc_h, v, ds0_t, nc,
 # The differentiable entry point.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _ssd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _ssd(x, dt, A, B, C, D, initial_state, segment_ids, chunk_size, config, interpret):
   del chunk_size  # the kernel's schedule is config.block_t; see the module docstring
-  return fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret)
+  return fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret,
+                     segment_ids=segment_ids)
 
 
-def _ssd_fwd(x, dt, A, B, C, D, initial_state, chunk_size, config, interpret):
+def _ssd_fwd(x, dt, A, B, C, D, initial_state, segment_ids, chunk_size, config, interpret):
+  res = (x, dt, A, B, C, D, initial_state, segment_ids)
   if config.backward == "xla":
-    out = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret)
-    return out, (x, dt, A, B, C, D, initial_state, None)
+    out = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret,
+                      segment_ids=segment_ids)
+    return out, (*res, None)
   y, fin, states = fwd.forward(x, dt, A, B, C, D, initial_state, config, interpret,
-                               emit_states=True)
-  return (y, fin), (x, dt, A, B, C, D, initial_state, states)
+                               emit_states=True, segment_ids=segment_ids)
+  return (y, fin), (*res, states)
 
 
 def _ssd_bwd(chunk_size, config, interpret, res, cotangents):
-  x, dt, A, B, C, D, initial_state, states = res
+  *args, states = res  # x, dt, A, B, C, D, initial_state, segment_ids
   if config.backward == "xla":  # the XLA chunked reference's VJP (same function)
     def ref(x, dt, A, B, C, D, initial_state):
-      return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
+      return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, args[7],
+                                   chunk_size=chunk_size)
 
-    _, vjp = jax.vjp(ref, x, dt, A, B, C, D, initial_state)
-    return vjp(cotangents)
-  return backward(x, dt, A, B, C, D, initial_state, states, cotangents,
-                                        config=config, interpret=interpret)
+    _, vjp = jax.vjp(ref, *args[:7])
+    return (*vjp(cotangents), None)
+  if config.backward == "blocks":
+    from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd_blocks as blocks  # noqa: PLC0415
+    return (*blocks.backward(*args, states, cotangents, config=config, interpret=interpret),
+            None)
+  return (*backward(*args, states, cotangents, config=config, interpret=interpret), None)
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
 def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
-        config: fwd.Config | None = None, interpret: bool = False):
+        segment_ids=None, config: fwd.Config | None = None, interpret: bool = False):
   """The SSD scan on the fused Mosaic GPU kernel; contract of `reference.ssd_naive`.
 
   Args:
@@ -404,11 +412,13 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
     A: [h], negative.
     B, C: [b, t, g, n], cast to x.dtype for the tensor cores.
     D: [h] or None.
-    initial_state: [b, h, p, n] or None.
+    initial_state: [b, h, p, n] or None (the first document's, with `segment_ids`).
     chunk_size: the chunk length of the chunked algorithm. In exact arithmetic the result does
       not depend on it, so the kernels (forward and backward) always work in blocks of
       `config.block_t` = 128 steps; `supports` accepts the chunk sizes the models use (128, 256)
       and this function validates it, so that a chunk size is never silently ignored elsewhere.
+    segment_ids: [b, t] integers or None: packed documents (`kernels/segments.py`); the state
+      restarts at each document's first step (`pallas_mosaic_gpu.DOC_PENALTY`).
     config: tuning knobs (`pallas_mosaic_gpu.Config`).
     interpret: run on Mosaic GPU's CPU interpreter (tests).
 
@@ -421,4 +431,5 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 128, *,
   if int(chunk_size) not in (128, 256):
     raise ValueError(f"ssd (pallas): chunk_size must be 128 or 256, got {chunk_size}; "
                      "use implementation='xla' for other chunk sizes")
-  return _ssd(x, dt, A, B, C, D, initial_state, int(chunk_size), config, bool(interpret))
+  return _ssd(x, dt, A, B, C, D, initial_state, segment_ids, int(chunk_size), config,
+              bool(interpret))
