@@ -109,10 +109,13 @@ def test_backward_kernel_matches_reference_vjp(b, t, h, p, g):
   check_grads(g_kern, grads(ref32_vjp(args), args), args)
 
 
-def test_backward_kernel_without_d_or_state():
-  # D and the initial state absent: their cotangents are None, the others still match.
+@pytest.mark.parametrize("backward", ["blocks", "pallas"])
+def test_backward_kernel_without_d_or_state(backward):
+  # D and the initial state absent: their cotangents are None, the others still match (both
+  # backward kernels: the block-parallel default and the older reverse walk).
   args = inputs(5, b=1, t=64, h=1, p=64, g=1, with_state=False, with_d=False)
-  g_kern = grads(lambda *a: pmg.ssd(*a, chunk_size=128, interpret=True), args)
+  config = pmg.Config(backward=backward)
+  g_kern = grads(lambda *a: pmg.ssd(*a, chunk_size=128, config=config, interpret=True), args)
   check_grads(g_kern, grads(ref32_vjp(args), args), args)
 
 

@@ -40,11 +40,15 @@ reference.
 Training: `pallas_mosaic_gpu_bwd.ssd` (the public entry) is a `custom_vjp`. Its forward runs this
 kernel with `emit_states`, which also writes the bf16 Sᵀ entering every block (one TMA store of
 the tile the C·Sᵀ product reads; 2·n·p bytes per head and block, ~20 KB per token at p = 80:
-saved rather than recomputed because a recompute pass would read x, B, C again and cost more),
-and its backward runs
-`pallas_mosaic_gpu_bwd` (a reverse walk over the blocks). `Config(backward="xla")` keeps the XLA
-reference's VJP (the path on every non-Hopper backend, where the dispatcher never picks this
-module).
+saved rather than recomputed because a recompute pass would read x, B, C again and cost more).
+Its backward (`Config.backward`): "blocks" (default, `pallas_mosaic_gpu_bwd_blocks`) runs this
+kernel again with `reverse=True` (the adjoint walk) and a block-parallel dB/dC kernel; "pallas"
+the older one-CTA-per-head reverse walk (`pallas_mosaic_gpu_bwd`); "xla" the XLA reference's VJP
+(the path on every non-Hopper backend, where the dispatcher never picks this module).
+
+Packed sequences (`segment_ids`): `prepare` subtracts `DOC_PENALTY` from a = dt·A at every
+document's first step before the block cumsum, so every decay across a boundary is exactly 0;
+the kernels are unchanged (see `reference` for the semantics).
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class Config:
     fuse_waits: issue independent wgmmas together and wait once per group (two waits per
       block: C·Sᵀ with the C·Bᵀ tiles; then the state and (CB∘L)·X products) instead of one
       wait per product.
+    backward: "blocks", "pallas" or "xla": the backward pass (module docstring, Training).
+    bwd_stages, bwd_grad_dtype: knobs of the "pallas" backward kernel.
     probe: measurements only, wrong results: "no_bc_reload" loads C and Bᵀ only for the first
       stages (isolates their traffic), "no_compute" streams inputs and outputs without math.
   """

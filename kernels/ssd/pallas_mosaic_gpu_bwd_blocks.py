@@ -5,17 +5,21 @@ T = 128 steps, l / s positions inside a block (query / source).
 
 Notation of the forward (`pallas_mosaic_gpu.py`): a = dt·A, Λ the block-local cumsum of a,
 u_s = dt_s x_s, Sᵀ_in the state entering a block (saved bf16 by the forward), dSᵀ_out the
-cotangent of the state leaving it, dY the cotangent of y, w_s = e^{Λ_last − Λ_s}.
+cotangent of the state leaving it (from later blocks only), dY the cotangent of y,
+w_s = e^{Λ_last − Λ_s}.
 
-1. dU and the state cotangents (sequential over blocks, one CTA per (head, batch)): the cotangent
-   of the state after step s obeys dS_s = C_s dY_sᵀ + e^{a_{s+1}} dS_{s+1}, the forward recurrence
-   run backwards in time with (x, B, C, a) → (dY, C, B, a shifted by one step). So the *forward
-   kernel* computes it on the time-reversed sequence (dt → 1, D → 0, initial state → the final
-   state's cotangent): its output is dU_s = B_s·dS_s (u's cotangent, dx = dt·dU + D·dY), its
-   saved entering states are the dSᵀ_out of every block, its final state e^{−a_0}·(the initial
-   state's cotangent).
+1. dx and the state cotangents (`_state_cotangents`; sequential over blocks, one CTA per (head,
+   batch)): the forward kernel's adjoint walk (`pallas_mosaic_gpu._build_kernel(reverse=True)`)
+   with (x, C, B) → (dY, B, C): blocks from last to first,
+
+       dx_s   = dt_s [w_s B_s·dS_out + Σ_{l≥s} (B_s·C_l) e^{Λ_l − Λ_s} dY_l] + D dY_s
+       dSᵀ_in = e^{Λ_last} dSᵀ_out + Σ_l C_l e^{Λ_l} dY_lᵀ
+
+   It saves every block's dSᵀ_out (bf16) as the forward saves Sᵀ_in; its final state is the
+   initial state's cotangent. Same cost as the forward.
 2. dB, dC and per-row sums (`_build_kernel`, fully parallel: one CTA per (group, block, batch),
-   looping over the r heads of the group so that dB and dC are summed over heads on chip):
+   looping over the r heads of the group so that dB and dC are summed over heads on chip, fp32,
+   and written once per group):
 
        P[l, s] = (dY_l·x_s) e^{Λ_l − Λ_s} dt_s  (s ≤ l)
        dC_l   += e^{Λ_l} dY_l S_in + Σ_s P[l, s] B_s
@@ -23,18 +27,22 @@ cotangent of the state leaving it, dY the cotangent of y, w_s = e^{Λ_last − �
 
    WG w owns rows [64w, 64w+64) as queries (tiles s ≤ l) and as sources (tiles l ≥ s): both
    warpgroups get three score tiles. P is built twice (dY·Xᵀ for queries, X·dYᵀ for sources) with
-   the same fp32 operations, so the two bf16 copies agree.
+   the same fp32 operations, so the two bf16 copies agree. The row-scaled operands of the state
+   parts go to the tensor cores as two bf16 pieces (hi + lo).
 3. The log-decay gradient without cancellation between differently rounded terms: per head and
    row, q1_l = C_l·dC_l and q2_s = B_s·dB_s (this head's parts, fp32 accumulators; every
-   intra-block pair P[l,s](C_l·B_s) appears in both from the same bf16 P), v3_s = B_s·dB^{state}_s
-   and v4_n = Σ_p dSᵀ_out[n, p] Sᵀ_in[n, p]; then (XLA)
+   intra-block pair P[l,s](C_l·B_s) appears in both from the same bf16 P), v3_s = B_s·dB^{state}_s,
+   v4_n = Σ_p dSᵀ_out[n, p] Sᵀ_in[n, p] and v5_l = dy_l·x_l; then (XLA, on [b, h, t] arrays)
 
        dΛ_k = q1_k − q2_k + [k = last](e^{Λ_last} Σ_n v4_n + Σ_s v3_s)
-       da_r = Σ_{k ≥ r in the block} dΛ_k,  ddt = A·da + x·dU,  dA = Σ dt·da,  dD = Σ dY·x.
+       da_r = Σ_{k ≥ r in the block} dΛ_k,  ddt = A·da + x·dU,  dA = Σ dt·da,  dD = Σ v5,
 
-   (`[k = last]` is ⟨dS_out, S_out⟩ written with the block's own values.) The kernel gets a head's
-   part of dC·C as the change of C·(running head sum): fp32 differences, far below bf16 noise.
+   with x_s·dU_s = q2_s / dt_s (B_s·dB_s = dt_s x_s·dU_s; dt > 0 by contract, padding has
+   dt = 0 and is cut). (`[k = last]` is ⟨dS_out, S_out⟩ written with the block's own values.)
+   The kernel gets a head's part of dC·C as the change of C·(running head sum): fp32
+   differences, far below bf16 noise.
 
+Packed sequences need nothing here: documents enter through the penalised a (`fwd.prepare`).
 Interpret mode runs the same body on Mosaic GPU's CPU interpreter (products as `jnp.dot`).
 """
 
