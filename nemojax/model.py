@@ -99,8 +99,8 @@ class NemotronH(nnx.Module):
 
     Without a cache, `start` [b] optionally marks left padding (row b's first real token) and
     `segment_ids` [b, t] packed documents: a new document starts wherever the id changes, and
-    none sees another (the conv, the SSD and attention restart; XLA kernels, see
-    `kernels/segments.py`).
+    none sees another (the conv, the SSD and attention restart; attention runs XLA, the SSD
+    either path, see `kernels/segments.py`).
     `remat`, a `jax.checkpoint` policy, runs every block under `jax.checkpoint` with it, so a
     backward pass keeps only what the policy saves and recomputes the rest block by block.
     """
