@@ -150,7 +150,7 @@ unit = len(tok.encode(filler))
 depths = (0.1, 0.5, 0.9) if CHECKPOINT else (0.5,)
 found = []
 for depth in depths:
-  reps = max(1, (context - 64) // unit)
+  reps = max(1, (context - 128) // unit)  # room for the question and template: one prefill bucket
   text = filler * int(reps * depth) + needle + filler * (reps - int(reps * depth))
   t0 = time.perf_counter()
   g = nemojax.generate(model, [[{"role": "user", "content": text + "\n\n" + question}]],
