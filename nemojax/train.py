@@ -312,7 +312,10 @@ class Trainer:
       raise ValueError(f"Trainer: wrt={wrt!r} selects no parameter of the model (for LoRA, call "
                        "nemojax.lora.apply_lora first)")
     compute_dtypes = jax.tree.map(lambda x: x.dtype, params) if config.master_weights else None
-    self._params = _cast(params, f32 if config.master_weights else None)
+    # The model's own arrays (no copy: a float32 master copy kept here as well as in the state
+    # would cost 4 bytes per parameter for the whole run); `init_state` copies them. An abstract
+    # model (`nnx.eval_shape`) gives a trainer that can only be lowered (`lower`).
+    self._params = params
     self.optimizer = make_optimizer(config)
     self.schedule = learning_rate_schedule(config)
     self._plan = _Plan(config, self.optimizer, compute_dtypes)
@@ -328,8 +331,11 @@ class Trainer:
     """A fresh state from the model's parameters (copied: later steps donate their buffers)."""
     return _committed(self._fresh_state(seed), self.graph.layout)
 
-  def _fresh_state(self, seed: int | None = None) -> TrainState:
-    params = jax.tree.map(jnp.copy, self._params)
+  def _fresh_state(self, seed: int | None = None, params=None) -> TrainState:
+    master = f32 if self.config.master_weights else None
+    params = jax.tree.map(  # always a copy: the steps donate it, the model keeps its own arrays
+        lambda x: jnp.array(x, dtype=master if jnp.issubdtype(x.dtype, jnp.floating) else None,
+                            copy=True), self._params if params is None else params)
     seed = self.config.seed if seed is None else seed
     opt_state = self.optimizer.init(_cast(params, self.config.moment_dtype))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
@@ -341,7 +347,7 @@ class Trainer:
     For a sharded model the leaves carry the target shardings (parameters and optimizer moments
     as the model's layout places them), so a state saved on one mesh restores onto this one.
     """
-    shapes = jax.eval_shape(self._fresh_state)
+    shapes = jax.eval_shape(lambda p: self._fresh_state(None, p), self._params)
     layout = self.graph.layout
     if layout is None:
       return shapes
@@ -364,6 +370,17 @@ class Trainer:
       raise ValueError(f"batch['tokens'] has {rows} rows, not a multiple of "
                        f"TrainConfig.grad_accum_steps={k}")
     return self._step(self.graph, state, self._rest, batch)
+
+  def lower(self, batch_size: int, seq_len: int, *, segments: bool = False) -> jax.stages.Lowered:
+    """The train step lowered for an abstract state and a batch of `batch_size` rows of
+    `seq_len` tokens (no memory allocated: the model may be built with `nnx.eval_shape`).
+
+    `.compile().memory_analysis()` of the result gives XLA's argument, output, alias (donated)
+    and temporary bytes of the step: its peak memory short of fragmentation.
+    """
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    batch = {"tokens": tokens, **({"segment_ids": tokens} if segments else {})}
+    return self._step.lower(self.graph, self.abstract_state(), self._rest, batch)
 
   def evaluate(self, params: nnx.State, batch: Batch) -> jax.Array:
     """The masked next-token loss of `params` on `batch` (no update)."""
