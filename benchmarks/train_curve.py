@@ -11,7 +11,7 @@ Tokens are the text's bytes (a 256-entry vocabulary: no tokenizer, nothing downl
 windows is recorded too. Training batches are random windows of the first 95%, drawn from a
 seeded generator, so a run is reproducible.
 
-Model (`--smoke` aside): 78M parameters, hidden 1024, 12 blocks `M-M*M-M-M*M-` (6 Mamba-2 with 32
+Model (`--smoke` aside): 90M parameters, hidden 1024, 12 blocks `M-M*M-M-M*M-` (6 Mamba-2 with 32
 heads of 64 channels, state 128, 8 groups; 4 relu² MLPs of width 4096; 2 GQA attention with 16
 query and 4 KV heads of 64), bf16 compute with float32 master weights and moments (TrainConfig
 defaults), AdamW peak learning rate 1e-3, 30 warm-up steps, cosine decay to 1e-4 at the last step,
@@ -122,19 +122,20 @@ def plot(result: dict, out: Path) -> Path:
   """train_curve.png with matplotlib, or train_curve.svg without it."""
   steps = np.arange(1, len(result["train_loss"]) + 1)
   ev = result["eval"]
-  title = (f"{result['model']['params'] / 1e6:.0f}M-param hybrid {result['model']['pattern']}, "
+  title = (f"{result['model']['params'] / 1e6:.1f}M-param hybrid {result['model']['pattern']}, "
            f"{result['batch']}x{result['seq']} bytes/step, {result['device']}")
   try:
-    import matplotlib  # noqa: PLC0415  (optional: the GPU machine may lack it)
+    import matplotlib  # optional: the GPU machine may lack it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
   except ImportError:
     return _plot_svg(steps, result["train_loss"], ev, title, out / "train_curve.svg")
   fig, ax = plt.subplots(figsize=(8, 5))
-  ax.plot(steps, result["train_loss"], lw=1, label="training batch")
-  if ev:
-    ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", label="held-out 5%")
   other = result.get("bf16_weights")  # --precision: the same run with bf16 weights
+  which = ", float32 master weights" if other else ""
+  ax.plot(steps, result["train_loss"], lw=1, label="training batch" + which)
+  if ev:
+    ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", label="held-out 5%" + which)
   if other:
     ax.plot(steps, other["train_loss"], lw=1, alpha=0.7,
             label="training batch, bf16 weights + float32 moments")
