@@ -382,7 +382,8 @@ class Trainer:
 
   def lower(self, batch_size: int, seq_len: int, *, segments: bool = False) -> jax.stages.Lowered:
     """The train step lowered for an abstract state and a batch of `batch_size` rows of
-    `seq_len` tokens (no memory allocated: the model may be built with `nnx.eval_shape`).
+    `seq_len` tokens, i.e. seq_len − 1 inputs and their targets (no memory allocated: the model
+    may be built with `nnx.eval_shape`).
 
     `.compile().memory_analysis()` of the result gives XLA's argument, output, alias (donated)
     and temporary bytes of the step: its peak memory short of fragmentation.
