@@ -57,7 +57,7 @@ def lora_targets(model: nnx.Module) -> set[str]:
           if isinstance(value, Linear)}
 
 
-def apply_lora(model: nnx.Module, rank: int, *, targets: Iterable[str] = DEFAULT_TARGETS,
+def apply_lora(model: nnx.Module, rank: int, *, targets: Iterable[str] | None = None,
                rngs: nnx.Rngs | None = None, param_dtype=f32) -> nnx.Module:
   """Wraps the named projections of every block in an `nnx.LoRA` adapter, in place.
 
@@ -65,6 +65,7 @@ def apply_lora(model: nnx.Module, rank: int, *, targets: Iterable[str] = DEFAULT
     model: A `NemotronH` (or any module with `backbone.layers` of blocks holding `Linear`s).
     rank: The adapters' rank r.
     targets: Attribute names of the projections to adapt; a name a block lacks is skipped there.
+      None: those of `DEFAULT_TARGETS` the model has (an all-Mamba model has no q_proj).
     rngs: Initialises A (He-uniform); B starts at zero. Default `nnx.Rngs(0)`.
     param_dtype: Storage dtype of A and B (float32: they are what the optimizer updates).
 
@@ -74,7 +75,8 @@ def apply_lora(model: nnx.Module, rank: int, *, targets: Iterable[str] = DEFAULT
   Raises:
     ValueError: `rank` is not positive, or a target names no projection of any block.
   """
-  targets = tuple(targets)
+  targets = (tuple(sorted(set(DEFAULT_TARGETS) & lora_targets(model))) if targets is None
+             else tuple(targets))
   if int(rank) <= 0:
     raise ValueError(f"apply_lora: rank must be a positive integer, got {rank!r}")
   unknown = sorted(set(targets) - lora_targets(model))

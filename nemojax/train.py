@@ -107,6 +107,15 @@ class TrainConfig:
     seed: Seeds the train state's rng.
     master_weights: Keep a float32 copy of the trained parameters for the optimizer and cast it
       to the model's dtypes for each step (False: update the parameters in the model's dtypes).
+      The default stays True (decided 2026-12-01): on the CPU (`benchmarks/train_curve.py
+      --smoke --precision`, a 0.1M-parameter hybrid, 100 steps of 8 x 64 bytes of text, loss
+      5.562 nats/byte at the start) bf16 weights with float32 moments end 0.010 above mixed
+      precision at a peak learning rate of 1e-3 (3.200 vs 3.190), but make only 89% of its
+      progress at 1e-4 (5.085 vs 5.024) and 21% at 1e-5 (5.548 vs 5.496): their updates below
+      2⁻⁹·|w| round away, which at fine-tuning rates is most of them. What True costs: 2 more
+      bytes per trained parameter in the state and a bf16 copy of the weights during the step
+      (the 3.25B slice: about 10 GiB, CPU-compiled). Use False when memory forces it at high
+      learning rates.
     moment_dtype: Adam's moments' dtype ("float32"; None: each parameter's stored dtype).
     remat: Rematerialisation policy of every block: one of `REMAT_POLICIES`.
     loss_chunk_size: Tokens per chunk of the fused LM head + cross-entropy (None: full logits).
@@ -312,7 +321,10 @@ class Trainer:
       raise ValueError(f"Trainer: wrt={wrt!r} selects no parameter of the model (for LoRA, call "
                        "nemojax.lora.apply_lora first)")
     compute_dtypes = jax.tree.map(lambda x: x.dtype, params) if config.master_weights else None
-    self._params = _cast(params, f32 if config.master_weights else None)
+    # The model's own arrays (no copy: a float32 master copy kept here as well as in the state
+    # would cost 4 bytes per parameter for the whole run); `init_state` copies them. An abstract
+    # model (`nnx.eval_shape`) gives a trainer that can only be lowered (`lower`).
+    self._params = params
     self.optimizer = make_optimizer(config)
     self.schedule = learning_rate_schedule(config)
     self._plan = _Plan(config, self.optimizer, compute_dtypes)
@@ -328,8 +340,11 @@ class Trainer:
     """A fresh state from the model's parameters (copied: later steps donate their buffers)."""
     return _committed(self._fresh_state(seed), self.graph.layout)
 
-  def _fresh_state(self, seed: int | None = None) -> TrainState:
-    params = jax.tree.map(jnp.copy, self._params)
+  def _fresh_state(self, seed: int | None = None, params=None) -> TrainState:
+    master = f32 if self.config.master_weights else None
+    params = jax.tree.map(  # always a copy: the steps donate it, the model keeps its own arrays
+        lambda x: jnp.array(x, dtype=master if jnp.issubdtype(x.dtype, jnp.floating) else None,
+                            copy=True), self._params if params is None else params)
     seed = self.config.seed if seed is None else seed
     opt_state = self.optimizer.init(_cast(params, self.config.moment_dtype))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
@@ -341,7 +356,7 @@ class Trainer:
     For a sharded model the leaves carry the target shardings (parameters and optimizer moments
     as the model's layout places them), so a state saved on one mesh restores onto this one.
     """
-    shapes = jax.eval_shape(self._fresh_state)
+    shapes = jax.eval_shape(lambda p: self._fresh_state(None, p), self._params)
     layout = self.graph.layout
     if layout is None:
       return shapes
@@ -364,6 +379,18 @@ class Trainer:
       raise ValueError(f"batch['tokens'] has {rows} rows, not a multiple of "
                        f"TrainConfig.grad_accum_steps={k}")
     return self._step(self.graph, state, self._rest, batch)
+
+  def lower(self, batch_size: int, seq_len: int, *, segments: bool = False) -> jax.stages.Lowered:
+    """The train step lowered for an abstract state and a batch of `batch_size` rows of
+    `seq_len` tokens, i.e. seq_len − 1 inputs and their targets (no memory allocated: the model
+    may be built with `nnx.eval_shape`).
+
+    `.compile().memory_analysis()` of the result gives XLA's argument, output, alias (donated)
+    and temporary bytes of the step: its peak memory short of fragmentation.
+    """
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    batch = {"tokens": tokens, **({"segment_ids": tokens} if segments else {})}
+    return self._step.lower(self.graph, self.abstract_state(), self._rest, batch)
 
   def evaluate(self, params: nnx.State, batch: Batch) -> jax.Array:
     """The masked next-token loss of `params` on `batch` (no update)."""

@@ -7,7 +7,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # 2. Long context: constant state, growing cache
 #
@@ -24,6 +23,7 @@
 # XLA path (the flash-attention kernel is Mosaic GPU only), so prefill attention over long
 # contexts runs as blocked XLA attention; the memory figures are identical, the timings will differ.
 
+# %% [markdown]
 # ## Set-up
 # On a fresh Colab GPU or TPU runtime: put a copy of this repository on the runtime (clone it or
 # upload it as `nemojax/`) and run `!pip install -q -e "nemojax[notebooks]"` in a cell first.
@@ -49,6 +49,9 @@ model, tok = SETUP.model, SETUP.tokenizer
 TINY, CHECKPOINT, DTYPE, MEANINGFUL = SETUP.tiny, SETUP.checkpoint, SETUP.dtype, SETUP.meaningful
 print("backend:", jax.default_backend(), "| devices:", jax.devices())
 print(f"tiny: {TINY} | checkpoint: {CHECKPOINT} | layers: {model.config.hybrid_override_pattern}")
+print("weights:", "trained" if MEANINGFUL else "RANDOM (no checkpoint on this machine): shapes, "
+      "memory and times are real; text, accuracies and maps are not")
+print("TPU: not available to run this here (see the TPU note for what changes there)")
 
 # %% [markdown]
 # ## Memory: a constant SSM state beside a growing KV cache
@@ -102,7 +105,8 @@ def timed(ids, new_tokens: int) -> float:
   return time.perf_counter() - t0
 
 
-lengths = (128, 512, 1024) if TINY else (1024, 4096, 16384, 65536, 131072)
+# Each length compiles its own prefill and decode programs (~15 s each for the 9B model).
+lengths = (128, 512, 1024) if TINY else (2048, 16384, 131072)
 steps = 128  # decode tokens timed per length: enough to stand out of the timer's noise
 repeats = 3 if TINY else 1  # the best of `repeats`: tiny timings are noisy, 128k ones long
 rng = np.random.default_rng(0)
@@ -122,28 +126,31 @@ if plt is not None:
   n, ttft, step = map(np.array, zip(*timing))
   fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
   ax[0].loglog(n, ttft * 1e3, "o-")
-  ax[0].set(xlabel="prompt tokens", ylabel="ms", title="time to first token")
+  ax[0].set(xlabel="prompt length (tokens)", ylabel="time to first token (ms)",
+            title="prefill")
   ax[1].semilogx(n, step * 1e3, "o-")
-  ax[1].set(xlabel="context tokens", ylabel="ms per token", title="decode step", ylim=(0, None))
+  ax[1].set(xlabel="context length (tokens)", ylabel="ms per decoded token", title="decode step",
+            ylim=(0, None))
   fig.tight_layout()
   plt.show()
 
 # %% [markdown]
 # ## A needle in a haystack
 # A pass-key sentence hidden at several depths of a long filler text, then a question about it.
-# With NVIDIA's weights the context is 128k tokens; in TINY mode 512 tokens on the demo model,
-# which was never trained to retrieve (the cell checks the plumbing, not the answer).
+# With NVIDIA's weights the context is 128k tokens at three depths; with random weights one 16k
+# run (retrieval cannot happen, so the 128k run is kept for real weights); in TINY mode 512 tokens
+# on the demo model, which was never trained to retrieve (these check the plumbing only).
 
 # %%
-context = 512 if TINY else 131072
+context = 512 if TINY else (131072 if CHECKPOINT else 16384)
 filler = "The grass is green. The sky is blue. The sun is yellow. Here we go again. "
 needle = "The secret pass key is 68142. Remember it. "
 question = "What is the secret pass key? Answer with the number only."
 unit = len(tok.encode(filler))
-depths = (0.5,) if TINY else (0.1, 0.5, 0.9)
+depths = (0.1, 0.5, 0.9) if CHECKPOINT else (0.5,)
 found = []
 for depth in depths:
-  reps = max(1, (context - 64) // unit)
+  reps = max(1, (context - 128) // unit)  # room for the question and template: one prefill bucket
   text = filler * int(reps * depth) + needle + filler * (reps - int(reps * depth))
   t0 = time.perf_counter()
   g = nemojax.generate(model, [[{"role": "user", "content": text + "\n\n" + question}]],
@@ -153,4 +160,4 @@ for depth in depths:
         f"{g.answer.strip()!r} -> {'found' if found[-1] else 'missed'}")
 assert len(found) == len(depths)
 if not CHECKPOINT:
-  print("(no NVIDIA weights here: retrieval is not expected)")
+  print("(no NVIDIA weights here: retrieval is not expected; the 128k run needs a checkpoint)")

@@ -7,7 +7,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # 3. Inside the SSD
 #
@@ -22,6 +21,7 @@
 #
 # **TPU** was not available to run this here; the last section says what changes there.
 
+# %% [markdown]
 # ## Set-up
 # On a fresh Colab GPU or TPU runtime: put a copy of this repository on the runtime (clone it or
 # upload it as `nemojax/`) and run `!pip install -q -e "nemojax[notebooks]"` in a cell first.
@@ -34,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import nemojax
 from nemojax.testing import notebook_model
@@ -52,6 +53,9 @@ model, tok = SETUP.model, SETUP.tokenizer
 TINY, CHECKPOINT, DTYPE, MEANINGFUL = SETUP.tiny, SETUP.checkpoint, SETUP.dtype, SETUP.meaningful
 print("backend:", jax.default_backend(), "| devices:", jax.devices())
 print(f"tiny: {TINY} | checkpoint: {CHECKPOINT} | layers: {model.config.hybrid_override_pattern}")
+print("weights:", "trained" if MEANINGFUL else "RANDOM (no checkpoint on this machine): shapes, "
+      "memory and times are real; text, accuracies and maps are not")
+print("TPU: not available to run this here (see the TPU note for what changes there)")
 
 # %% [markdown]
 # ## 1. The scan's forms agree
@@ -60,7 +64,8 @@ print(f"tiny: {TINY} | checkpoint: {CHECKPOINT} | layers: {model.config.hybrid_o
 # token (`lax.scan`, the oracle); `ssd_chunked` computes it in chunks of Q tokens (quadratic
 # inside a chunk, the recurrence between chunks); `ssd` is the dispatcher the model calls, which
 # picks the Pallas kernel on a Hopper GPU and the chunked XLA form everywhere else.
-# Random inputs at an odd length (not a multiple of the chunk), with an initial state.
+# Random inputs at an odd length (not a multiple of the chunk), with an initial state. The float32
+# comparisons ask for full-precision matmuls: a GPU's default for float32 is TF32 (~1e-3).
 
 # %%
 rng = np.random.default_rng(0)
@@ -73,13 +78,14 @@ C = rng.standard_normal((b, t, g, n)).astype(np.float32)
 D = np.ones(h, np.float32)
 s0 = 0.1 * rng.standard_normal((b, h, p, n)).astype(np.float32)
 
-y_ref, s_ref = ssd_reference.ssd_naive(x, dt, A, B, C, D, s0)
-errors = {}
-for q in (8, 16, 64, 128):
-  y, s = ssd_reference.ssd_chunked(x, dt, A, B, C, D, s0, chunk_size=q)
-  errors[f"chunked Q={q}"] = (T.rel_err(y, y_ref), T.rel_err(s, s_ref))
-y, s = ssd_api.ssd(x, dt, A, B, C, D, initial_state=s0, chunk_size=16)
-errors["dispatcher, float32"] = (T.rel_err(y, y_ref), T.rel_err(s, s_ref))
+with jax.default_matmul_precision("highest"):
+  y_ref, s_ref = ssd_reference.ssd_naive(x, dt, A, B, C, D, s0)
+  errors = {}
+  for q in (8, 16, 64, 128):
+    y, s = ssd_reference.ssd_chunked(x, dt, A, B, C, D, s0, chunk_size=q)
+    errors[f"chunked Q={q}"] = (T.rel_err(y, y_ref), T.rel_err(s, s_ref))
+  y, s = ssd_api.ssd(x, dt, A, B, C, D, initial_state=s0, chunk_size=16)
+  errors["dispatcher, float32"] = (T.rel_err(y, y_ref), T.rel_err(s, s_ref))
 for name, (ey, es) in errors.items():
   print(f"{name:22s} |dy|/|y| = {ey:.1e}   |dS|/|S| = {es:.1e}")
   assert ey < T.tolerance("float32", "independent") and es < T.tolerance("float32", "independent")
@@ -89,9 +95,10 @@ bf = lambda v: jnp.asarray(v, jnp.bfloat16)
 impl = ssd_api.resolve_implementation(None, head_dim=p, state_size=n, chunk_size=128,
                                       dtype=jnp.bfloat16)
 y16, _ = ssd_api.ssd(bf(x), dt, A, bf(B), bf(C), D, initial_state=s0, chunk_size=128)
-y16_ref, _ = ssd_reference.ssd_naive(*(np.asarray(bf(v), np.float32) for v in (x,)), dt, A,
-                                     np.asarray(bf(B), np.float32), np.asarray(bf(C), np.float32),
-                                     D, s0)
+with jax.default_matmul_precision("highest"):
+  y16_ref, _ = ssd_reference.ssd_naive(np.asarray(bf(x), np.float32), dt, A,
+                                       np.asarray(bf(B), np.float32),
+                                       np.asarray(bf(C), np.float32), D, s0)
 err16 = T.rel_err(y16, y16_ref)
 print(f"dispatcher, bfloat16 ({impl}): |dy|/|y| = {err16:.1e} against the float32 oracle")
 assert err16 < T.tolerance("bfloat16", "kernel")
@@ -128,21 +135,35 @@ if plt is not None:
 # ## 3. The state along a reasoning trace
 # Prefill a question, then feed its step-by-step trace one token at a time and watch each Mamba
 # layer's state: its norm, and how much of it each token rewrites (|S_t − S_{t−1}| / |S_{t−1}|).
+# One jitted decode step measures both on the device (a single compiled program: the prompt is fed
+# through it too, token by token, and nothing but the norms comes back to the host).
 
 # %%
 problem = demo_task.heldout_problems(1)[0]
 prompt = tok.apply_chat_template([{"role": "user", "content": problem.question}],
                                  add_generation_prompt=True, tokenize=True)
 trace = tok.encode(problem.reasoning)
+
+
+@nnx.jit
+def step(m, token, cache):
+  """One decode step; per Mamba layer |S_t| and |S_t − S_t−1| / |S_t−1| (float32)."""
+  _, new = m(token, cache=cache)
+  f32 = lambda s: s.astype(jnp.float32)
+  norm = jnp.stack([jnp.linalg.norm(f32(new.layers[i].ssm)) for i in mamba_layers])
+  change = jnp.stack([jnp.linalg.norm(f32(new.layers[i].ssm) - f32(cache.layers[i].ssm))
+                      / jnp.linalg.norm(f32(cache.layers[i].ssm)) for i in mamba_layers])
+  return new, norm, change
+
+
 cache = model.init_cache(1, len(prompt) + len(trace))
-_, cache = model(np.array([prompt]), cache=cache)
+for token in prompt:
+  cache, _, _ = step(model, np.array([[token]]), cache)
 norms, changes = [], []
 for token in trace:
-  before = [cache.layers[i].ssm for i in mamba_layers]
-  _, cache = model(np.array([[token]]), cache=cache)
-  after = [cache.layers[i].ssm for i in mamba_layers]
-  norms.append([float(jnp.linalg.norm(s)) for s in after])
-  changes.append([T.rel_err(s1, s0_) for s0_, s1 in zip(before, after)])
+  cache, norm, change = step(model, np.array([[token]]), cache)
+  norms.append(norm)
+  changes.append(change)
 norms, changes = np.array(norms), np.array(changes)  # [trace tokens, Mamba layers]
 assert norms.shape == changes.shape == (len(trace), len(mamba_layers))
 assert np.all(np.isfinite(norms)) and np.all(changes > 0)
@@ -210,7 +231,8 @@ if plt is not None:
   fig, ax = plt.subplots(figsize=(6, 3.2))
   for impl in impls:
     ax.loglog(lengths, 1e3 * np.array(results[impl]), "o-", label=impl)
-  ax.set(xlabel="tokens", ylabel="ms", title=f"SSD scan, one layer, {jax.default_backend()}")
+  ax.set(xlabel="sequence length (tokens)", ylabel="time per call (ms)",
+         title=f"SSD scan, one layer, bf16, {jax.default_backend()}")
   ax.legend()
   plt.show()
 

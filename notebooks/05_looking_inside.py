@@ -7,7 +7,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # 5. Looking inside: logit lens, state probes, attention maps
 #
@@ -24,6 +23,7 @@
 # are recomputed in plain JAX, so the notebook runs unchanged; the bf16 comparisons keep their
 # model tolerance there.
 
+# %% [markdown]
 # ## Set-up
 # On a fresh Colab GPU or TPU runtime: put a copy of this repository on the runtime (clone it or
 # upload it as `nemojax/`) and run `!pip install -q -e "nemojax[notebooks]"` in a cell first.
@@ -34,7 +34,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import nemojax
 from nemojax.testing import notebook_model
@@ -52,16 +51,19 @@ model, tok = SETUP.model, SETUP.tokenizer
 TINY, CHECKPOINT, DTYPE, MEANINGFUL = SETUP.tiny, SETUP.checkpoint, SETUP.dtype, SETUP.meaningful
 print("backend:", jax.default_backend(), "| devices:", jax.devices())
 print(f"tiny: {TINY} | checkpoint: {CHECKPOINT} | layers: {model.config.hybrid_override_pattern}")
+print("weights:", "trained" if MEANINGFUL else "RANDOM (no checkpoint on this machine): shapes, "
+      "memory and times are real; text, accuracies and maps are not")
+print("TPU: not available to run this here (see the TPU note for what changes there)")
 
 # %% [markdown]
 # ## The residual stream, layer by layer
-# One jitted pass that keeps the residual stream after every block (the model's own blocks, called
-# in order, exactly as `NemotronH.hidden_states` does); its last entry, normed and projected, must
-# be the model's logits.
+# One pass that keeps the residual stream after every block (the model's own blocks, called in
+# order, exactly as `NemotronH.hidden_states` does); its last entry, normed and projected, must be
+# the model's logits. It runs eagerly (op by op): each prompt shape here is used once, and
+# compiling the whole 56-block program for each would cost more than it saves.
 
 
 # %%
-@nnx.jit
 def residual_stream(m, ids):
   """[layers + 1] residuals [b, t, D]: the embeddings, then the output of every block."""
   x = m.backbone.embeddings(ids).astype(m.dtype)
@@ -107,7 +109,8 @@ if plt is not None:
   im = ax.imshow(np.exp(lens), aspect="auto", cmap="viridis", vmin=0, vmax=1)
   labels = [tok.decode([int(t)]) for t in targets]
   ax.set_xticks(range(len(labels)), [repr(s)[1:-1] for s in labels], rotation=90, fontsize=6)
-  ax.set(ylabel="layer (0 = embeddings)", title="logit lens: p(actual next token)")
+  ax.set(xlabel="next token of the reply", ylabel="layer (0 = embeddings)",
+         title="logit lens: p(actual next token)")
   fig.colorbar(im, ax=ax)
   plt.show()
 
@@ -146,7 +149,7 @@ def probe_accuracy(features, labels, n_train, ridge=1.0) -> float:
   return float(np.mean((f[n_train:] @ (ftr.T @ alpha)).argmax(1) == labels[n_train:]))
 
 
-probe_problems = demo_task.heldout_problems(160 if TINY else 256, seed=99)
+probe_problems = demo_task.heldout_problems(160, seed=99)
 labels = np.array([q.answer for q in probe_problems])
 n_train = len(probe_problems) * 3 // 4
 variants = {
@@ -177,7 +180,7 @@ if plt is not None:
 # match the layer's), over a conversation of many problems; averaged over heads.
 
 # %%
-turns = demo_task.heldout_problems(4 if TINY else 48, seed=5)
+turns = demo_task.heldout_problems(4 if TINY else 32, seed=5)
 chat = []
 for q in turns:
   chat += [{"role": "user", "content": q.question},
@@ -208,10 +211,22 @@ for i in att_layers:
   maps.append(np.asarray(weights[0].mean(0)))
   dist = float((np.asarray(weights[0]) * (np.arange(t)[:, None] - np.arange(t))).sum(-1).mean())
   print(f"layer {i}: {t} tokens, mean attention distance {dist:.1f} tokens")
+
+
+def pooled(w, cells: int = 200):
+  """Means over k x k blocks (k = ceil(t / cells)), so a long map draws as <= cells² cells."""
+  k = -(-len(w) // cells)
+  n = len(w) // k * k
+  return w[:n, :n].reshape(n // k, k, n // k, k).mean((1, 3)), n
+
+
 if plt is not None:
   fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps), 3.2), squeeze=False)
   for ax, i, w in zip(axes[0], att_layers, maps):
-    ax.imshow(np.log10(w + 1e-6), cmap="magma", vmin=-4, vmax=0)
-    ax.set(title=f"attention layer {i} (log10, head mean)", xlabel="key", ylabel="query")
+    w, n = pooled(w)
+    im = ax.imshow(np.log10(w + 1e-6), cmap="magma", vmin=-4, vmax=0, extent=(0, n, n, 0))
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set(title=f"attention layer {i}: log10 weight, head mean", xlabel="key position (token)",
+           ylabel="query position (token)")
   fig.tight_layout()
   plt.show()

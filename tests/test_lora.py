@@ -78,6 +78,17 @@ def test_merged_model_saves_and_loads_like_any_checkpoint(tmp_path):
   T.assert_close(loaded(IDS), adapted, "float32", "same", "reloaded merged logits")
 
 
+def test_default_targets_are_the_projections_the_model_has():
+  mamba_only = NemotronH(NemotronHConfig.tiny(vocab_size=VOCAB, hybrid_override_pattern="MM"),
+                         dtype=jnp.float32, rngs=nnx.Rngs(0), ssd_implementation="xla")
+  apply_lora(mamba_only, 2)  # no q/k/v/o or up/down here: skipped, not an error
+  mixers = [block.mixer for block in mamba_only.backbone.layers]
+  assert all(isinstance(m.in_proj, nnx.LoRA) and isinstance(m.out_proj, nnx.LoRA) for m in mixers)
+  with pytest.raises(ValueError, match=r"targets \['q_proj'\] name no projection"):
+    apply_lora(NemotronH(NemotronHConfig.tiny(vocab_size=VOCAB, hybrid_override_pattern="M"),
+                         dtype=jnp.float32, rngs=nnx.Rngs(0)), 2, targets=("q_proj",))
+
+
 def test_bad_arguments_are_one_line_errors():
   with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
     apply_lora(_model(), 0)

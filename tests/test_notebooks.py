@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom in TINY mode on the CPU; its cells assert what they show."""
 
+import json
 import os
 import pathlib
 import runpy
@@ -36,4 +37,23 @@ def test_every_notebook_has_a_tiny_switch_and_an_ipynb_twin(monkeypatch):
     assert "TPU" in text, f"{path.name}: say what happens on a TPU"
     twin = path.with_suffix(".ipynb")
     assert twin.is_file(), f"{path.name}: no executed {twin.name} (jupytext --to ipynb --execute)"
-    assert os.path.getsize(twin) < 300_000, f"{twin.name} is over 300 KB"
+    # The twins hold one GPU run's outputs and figures (the 9B shape): small, but not tiny.
+    assert os.path.getsize(twin) < 500_000, f"{twin.name} is over 500 KB"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_ipynb_twin_is_the_executed_source(path):
+  """The committed .ipynb has the .py's code cells, every one executed (it is a run of this
+  source, wherever it ran: the twins come from a GPU run, the tests run the .py on a CPU)."""
+  jupytext = pytest.importorskip("jupytext")
+  source = [c.source for c in jupytext.read(path).cells
+            if c.cell_type == "code" and c.source.strip()]
+  twin = json.loads(path.with_suffix(".ipynb").read_text())
+  cells = [c for c in twin["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+  assert ["".join(c["source"]) for c in cells] == source, (
+      f"{path.stem}.ipynb is not a run of {path.name}: rebuild it (see README, Notebooks)")
+  unrun = [i for i, c in enumerate(cells) if c.get("execution_count") is None]
+  assert not unrun, f"{path.stem}.ipynb: code cells {unrun} were not executed"
+  errors = [o.get("ename") for c in cells for o in c.get("outputs", [])
+            if o["output_type"] == "error"]
+  assert not errors, f"{path.stem}.ipynb holds errors: {errors}"
