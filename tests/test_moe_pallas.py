@@ -124,3 +124,22 @@ def test_compiled_kernel_matches_ragged_dot_on_hopper(m):
   got = kernel.moe_ffn(*args)
   want = kmoe.moe_ffn_sorted(*args)
   T.assert_close(got, want, "bfloat16", "kernel", f"m={m}")
+
+
+@pytest.mark.slow  # ~20 s: builds a tiny model, runs the kernel on the interpreter
+def test_benchmark_script_smoke(tmp_path):
+  import json  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  from pathlib import Path  # noqa: PLC0415
+  root = Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/moe.py", "--smoke", "--parts", "ffn,decode", "--tokens", "1,4",
+       "--batches", "1", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "ERROR" not in proc.stdout, proc.stdout[-3000:]
+  res = json.loads((tmp_path / "moe.json").read_text())
+  assert res["ffn"]["m4"]["pallas"]["ok"] and res["ffn"]["m1"]["gather"]["ok"]
+  assert res["decode"]["auto_b1_ctx32"]["finite"] and res["decode"]["pallas_b1_ctx32"]["finite"]
