@@ -5,6 +5,11 @@ and 38 rows, an overlapping last column tile), its lowering for CUDA at the Nano
 the compiled kernel against ragged_dot."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -128,11 +133,6 @@ def test_compiled_kernel_matches_ragged_dot_on_hopper(m):
 
 @pytest.mark.slow  # ~20 s: builds a tiny model, runs the kernel on the interpreter
 def test_benchmark_script_smoke(tmp_path):
-  import json  # noqa: PLC0415
-  import os  # noqa: PLC0415
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
-  from pathlib import Path  # noqa: PLC0415
   root = Path(__file__).resolve().parents[1]
   proc = subprocess.run(
       [sys.executable, "benchmarks/moe.py", "--smoke", "--parts", "ffn,decode", "--tokens", "1,4",
