@@ -134,8 +134,10 @@ def ffn_variants(m, k, e, smoke):
     out.update({"pallas[64x64x4]": kernel.Config(64, 64, 4),
                 "pallas[64x128x4]": kernel.Config(64, 128, 4)})
   else:
-    out.update({"pallas[128x128x3]": kernel.Config(128, 128, 3),
-                "pallas[128x64x4]": kernel.Config(128, 64, 4),
+    out.update({"pallas[ws128x256x3]": kernel.Config(128, 256, 3, warp_specialized=True),
+                "pallas[ws128x256x3,bf16]": kernel.Config(128, 256, 3, down_dtype="bfloat16",
+                                                          warp_specialized=True),
+                "pallas[128x128x3]": kernel.Config(128, 128, 3),
                 "pallas[128x128x4,bf16]": kernel.Config(128, 128, 4, down_dtype="bfloat16")})
   return out
 

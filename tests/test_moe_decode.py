@@ -112,6 +112,8 @@ def test_kernel_decode_tiles_only_chosen_experts():
   e, k = 128, 6
   ids = jnp.asarray([[100, 3, 77, 64, 5, 127]], jnp.int32)
   cfg = kernel.default_config(k, e)
-  _, _, tile_expert = kernel.padded_layout(ids, e, cfg.tile_m)
-  used = np.asarray(tile_expert)[np.asarray(tile_expert) >= 0]
-  assert sorted(used.tolist()) == sorted(np.asarray(ids)[0].tolist())
+  assert kernel.per_pair(1, k, e)
+  for layout in (kernel.pair_layout(ids, cfg.tile_m), kernel.padded_layout(ids, e, cfg.tile_m)):
+    tile_expert = np.asarray(layout[2])
+    used = tile_expert[tile_expert >= 0]
+    assert sorted(used.tolist()) == sorted(np.asarray(ids)[0].tolist())

@@ -60,6 +60,7 @@ def test_padded_layout_puts_each_tile_in_one_expert():
 @pytest.mark.parametrize("config", [
     kernel.Config(tile_m=64, tile_n=128, num_stages=2),  # f = 192: the last tile overlaps
     kernel.Config(tile_m=128, tile_n=64, num_stages=3, down_dtype="bfloat16"),
+    kernel.Config(tile_m=128, tile_n=128, num_stages=2, warp_specialized=True),
 ])
 def test_interpret_matches_dense_oracle(config):
   args = _inputs(_odd_groups(), 128, 192, 4)
@@ -69,22 +70,26 @@ def test_interpret_matches_dense_oracle(config):
   T.assert_close(got, want, "bfloat16", "kernel", str(config))
 
 
-def test_interpret_single_token_decode():
-  ids = np.array([[5, 0, 2]], np.int32)
+@pytest.mark.parametrize("ids", [[[5, 0, 2]], [[5, 0, 2], [0, 1, 5]]])
+def test_interpret_decode_pair_tiles(ids):
+  ids = np.array(ids, np.int32)
+  assert kernel.per_pair(ids.shape[0], 3, 6)  # one tile per pair (expert 0 and 5 twice)
   args = _inputs(ids, 64, 128, 6, seed=1)
   got = kmoe.moe_ffn(*args, implementation="pallas")  # the dispatcher's path (interpreter)
   T.assert_close(got, kmoe.moe_ffn_dense(*args), "bfloat16", "kernel")
 
 
-@pytest.mark.parametrize("m", [1, 64, 8192])
-def test_lowers_for_cuda_at_nano_shape(m):
+@pytest.mark.parametrize("m,config", [
+    (1, None), (64, None), (8192, None),
+    (8192, kernel.Config(tile_m=128, tile_n=256, num_stages=3, warp_specialized=True))])
+def test_lowers_for_cuda_at_nano_shape(m, config):
   # Pallas -> Mosaic GPU lowering (wgmma operand transforms, TMA slices, layouts) runs on the CPU
   # when lowering for the "cuda" platform: what would fail first on the GPU fails here.
   e, k, d, f = NANO["e"], NANO["k"], NANO["d"], NANO["f"]
   S = jax.ShapeDtypeStruct
   args = (S((m, d), bf16), S((m, k), jnp.int32), S((m, k), jnp.float32), S((e, f, d), bf16),
           S((e, d, f), bf16))
-  fn = functools.partial(kernel.moe_ffn, interpret=False)
+  fn = functools.partial(kernel.moe_ffn, config=config, interpret=False)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call" in text
 

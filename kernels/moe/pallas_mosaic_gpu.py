@@ -25,7 +25,9 @@ read by TMA and fed to wgmma transposed. Columns that do not fill a last tile ar
 overlapping tile (its start is pulled back to n − tile_n; both CTAs write the same values).
 
 Decode: only tiles of chosen experts exist (at m = 1, k = 6: six tiles), so only the chosen
-experts' weights are read; the padded rows cost tensor-core time, not bytes. `default_config`
+experts' weights are read; the padded rows cost tensor-core time, not bytes. For a handful of
+rows (`per_pair`) each pair gets its own tile without sorting (`pair_layout`): the layout's
+small XLA kernels would cost more than the expert reads they organise. `default_config`
 picks 64-row tiles and 64-column tiles when P is small (more CTAs to stream the few experts),
 128 × 128 for prefill.
 
@@ -66,17 +68,22 @@ class Config:
     tile_n: output columns per CTA tile (64 or 128).
     num_stages: K blocks in flight (TMA pipeline depth).
     down_dtype: dtype of the down projection's per-pair output before the weighted sum.
+    warp_specialized: three warpgroups per CTA, one streaming the operands with TMA and two
+      computing, each on half of the columns (`tile_n` 256: two [tile_m, 128] accumulators);
+      otherwise one warpgroup issues both the copies and the wgmmas.
   """
   tile_m: int = 128
   tile_n: int = 128
   num_stages: int = 4
   down_dtype: str = "float32"
+  warp_specialized: bool = False
 
   def __post_init__(self):
     if self.tile_m not in (64, 128):
       raise ValueError(f"Config.tile_m must be 64 or 128, got {self.tile_m}")
-    if self.tile_n not in (64, 128):
-      raise ValueError(f"Config.tile_n must be 64 or 128, got {self.tile_n}")
+    if self.tile_n not in ((128, 256) if self.warp_specialized else (64, 128)):
+      raise ValueError(f"Config.tile_n must be 64 or 128 (128 or 256 when warp_specialized), "
+                       f"got {self.tile_n}")
     if self.num_stages < 2:
       raise ValueError(f"Config.num_stages must be >= 2, got {self.num_stages}")
     if self.down_dtype not in ("float32", "bfloat16"):
@@ -96,7 +103,8 @@ def default_config(num_pairs: int, num_experts: int) -> Config:
 def smem_bytes(config: Config, out_itemsize: int = 4) -> int:
   """Shared memory of one CTA: the pipeline's stages and the output tile (bf16 operands)."""
   stage = 2 * _BLOCK_K * (config.tile_m + config.tile_n)
-  return config.num_stages * stage + out_itemsize * config.tile_m * config.tile_n + 1024
+  out = config.tile_m * config.tile_n // (2 if config.warp_specialized else 1)
+  return config.num_stages * stage + out_itemsize * out + 1024
 
 
 def supports(*, d: int, f: int, dtype, config: Config = PREFILL_CONFIG) -> bool:
@@ -117,16 +125,23 @@ def _transforms(cols: int, dtype, interpret: bool):
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def _act(activation):
+  if activation == "relu2":
+    return lambda acc: jnp.square(jnp.maximum(acc, 0.0))
+  return lambda acc: acc
+
+
 def _build_kernel(*, rows, k_dim, n, e, activation, out_dtype, config: Config, interpret: bool):
   """out[r] = act(w[tile_expert[r // tile_m]] · lhs[r]) for rows r of used tiles; [rows, n]."""
+  if config.warp_specialized:
+    return _build_ws_kernel(rows=rows, k_dim=k_dim, n=n, activation=activation,
+                            out_dtype=out_dtype, config=config, interpret=interpret)
   TM, TN, BK = config.tile_m, config.tile_n, _BLOCK_K
   dtype = jnp.bfloat16
   in_tf = _transforms(BK, dtype, interpret)
   out_tf = _transforms(TN, out_dtype, interpret)
   steps = k_dim // BK
-
-  def act(acc):
-    return jnp.square(jnp.maximum(acc, 0.0)) if activation == "relu2" else acc
+  act = _act(activation)
 
   def body(tile_expert_ref, lhs_ref, w_ref, o_ref):
     ni = lax.axis_index("n")
@@ -169,6 +184,79 @@ def _build_kernel(*, rows, k_dim, n, e, activation, out_dtype, config: Config, i
       out_type=jax.ShapeDtypeStruct((rows, n), out_dtype),
       grid=(pl.cdiv(n, TN), rows // TM),
       grid_names=("n", "m"),
+      compiler_params=compiler_params,
+      interpret=interp,
+  )
+
+
+def _build_ws_kernel(*, rows, k_dim, n, activation, out_dtype, config: Config, interpret: bool):
+  """`_build_kernel` with a TMA warpgroup and two compute warpgroups (columns split in two)."""
+  TM, TN, BK = config.tile_m, config.tile_n, _BLOCK_K
+  WN = TN // 2  # columns per compute warpgroup
+  HM = TM // 2  # rows per epilogue store
+  in_tf = _transforms(BK, jnp.bfloat16, interpret)
+  act = _act(activation)
+
+  def body(tile_expert_ref, lhs_ref, w_ref, o_ref, o_s):
+    ni = lax.axis_index("n")
+    mi = lax.axis_index("m")
+    wg = lax.axis_index("wg")
+    g = tile_expert_ref[mi]
+    n0 = jnp.minimum(ni * TN, n - TN)
+    cols = pl.ds(wg * WN, WN)
+
+    def mma_step(_, a_s, b_s, acc):
+      if interpret:
+        return acc + jnp.dot(a_s[...], b_s.at[cols][...].T, preferred_element_type=f32)
+      plgpu.wgmma(acc, a_s, plgpu.transpose_ref(b_s.at[cols], (1, 0)))
+      plgpu.wgmma_wait(1)  # the previous step's operands may now be released
+      return acc
+
+    def epilogue(acc):
+      # In two halves of rows through one buffer: a whole fp32 tile per warpgroup would not fit
+      # beside the pipeline's stages.
+      for half in range(2):
+        if half:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffer is free again
+        o_s.at[wg][...] = act(acc[half * HM:(half + 1) * HM]).astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            o_s.at[wg], o_ref.at[pl.ds(mi * TM + half * HM, HM), pl.ds(n0 + wg * WN, WN)])
+      plgpu.wait_smem_to_gmem(0)
+
+    def compute_context(eval_pipeline):
+      if interpret:
+        epilogue(eval_pipeline(jnp.zeros((TM, WN), f32)))
+        return
+
+      def scope(acc_ref):
+        eval_pipeline(acc_ref)
+        epilogue(acc_ref[...])
+      pl.run_scoped(scope, plgpu.ACC((TM, WN), f32))
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        mma_step, grid=(k_dim // BK,), memory_registers=40,
+        in_specs=[plgpu.BlockSpec((TM, BK), lambda kb: (0, kb), transforms=in_tf,
+                                  delay_release=1),
+                  plgpu.BlockSpec((TN, BK), lambda kb: (0, kb), transforms=in_tf,
+                                  delay_release=1)],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.num_stages,
+        compute_context=compute_context)
+
+    @pl.when(g >= 0)
+    def _():
+      pipeline(lhs_ref.at[pl.ds(mi * TM, TM)], w_ref.at[g, pl.ds(n0, TN)])
+
+  out_smem = plgpu.SMEM((2, HM, WN), out_dtype, transforms=_transforms(WN, out_dtype, interpret))
+  interp, compiler_params = platform.mosaic_params(interpret=interpret, approx_math=False)
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((rows, n), out_dtype),
+      scratch_types=[out_smem],
+      grid=(pl.cdiv(n, TN), rows // TM),
+      grid_names=("n", "m"),
+      num_threads=3,
+      thread_name="wg",
       compiler_params=compiler_params,
       interpret=interp,
   )
@@ -241,6 +329,26 @@ def padded_layout(expert_ids, num_experts: int, tile_m: int):
   return src, dest, tile_expert
 
 
+def per_pair(num_rows: int, top_k: int, num_experts: int) -> bool:
+  """Whether every (row, expert) pair gets a tile of its own, unsorted (decode).
+
+  At one row the k experts are distinct, so nothing is read twice and the sort, counts and
+  scatter of `padded_layout` (a few small XLA kernels, each costing as much as the whole roofline
+  of a decode step's experts) are skipped. For a few rows a repeated expert is read once per pair
+  (at 5 rows of top-6 of 128: ~9% more bytes), still cheaper than the layout's kernels.
+  """
+  return num_rows == 1 or num_rows * top_k <= max(8, num_experts // 4)
+
+
+def pair_layout(expert_ids, tile_m: int):
+  """`padded_layout`'s outputs with one tile per pair, in (row, choice) order."""
+  m, k = expert_ids.shape
+  P = m * k
+  src = jnp.repeat(jnp.arange(P, dtype=jnp.int32) // k, tile_m)
+  dest = jnp.arange(P, dtype=jnp.int32) * tile_m
+  return src, dest, expert_ids.reshape(-1).astype(jnp.int32)
+
+
 def moe_ffn(x, expert_ids, weights, up, down, *, config: Config | None = None,
             interpret: bool = False):
   """Routed-expert output [m, d] float32; the contract of `reference.moe_ffn_sorted`.
@@ -256,7 +364,10 @@ def moe_ffn(x, expert_ids, weights, up, down, *, config: Config | None = None,
   if not supports(d=d, f=f, dtype=up.dtype, config=config) or down.dtype != up.dtype:
     raise ValueError(f"moe_ffn (pallas): needs bf16 up/down with d and f multiples of 64 and >= "
                      f"{config.tile_n}; got up {up.shape} {up.dtype}, down {down.dtype}")
-  src, dest, tile_expert = padded_layout(expert_ids, e, config.tile_m)
+  if per_pair(m, k, e):
+    src, dest, tile_expert = pair_layout(expert_ids, config.tile_m)
+  else:
+    src, dest, tile_expert = padded_layout(expert_ids, e, config.tile_m)
   xs = jnp.take(x.astype(up.dtype), src, axis=0)  # [T·tile_m, d]
   h = grouped_matmul(xs, up, tile_expert, activation="relu2", out_dtype=up.dtype, config=config,
                      interpret=interpret)
