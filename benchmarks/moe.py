@@ -98,6 +98,7 @@ def guarded(out: dict, name: str, args, fn):
   try:
     out[name] = fn()
     log(name, out[name])
+    save(args)  # a hang or a fault later (the process killed) keeps what was measured
     return out[name]
   except Exception as e:  # one failure must not lose the other measurements
     out[name] = {"error": f"{type(e).__name__}: {e}"[:600]}

@@ -15,11 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from nemojax import moe as moe_lib
 from nemojax import testing as T
 from nemojax.kernels import moe as kmoe
 from nemojax.kernels import platform
 from nemojax.kernels.moe import pallas_mosaic_gpu as kernel
+from nemojax.model import NemotronH
 
 bf16 = jnp.bfloat16
 NANO = dict(e=128, k=6, d=2688, f=1856)  # Nemotron 3 Nano 30B-A3B's routed experts
@@ -148,3 +151,14 @@ def test_benchmark_script_smoke(tmp_path):
   res = json.loads((tmp_path / "moe.json").read_text())
   assert res["ffn"]["m4"]["pallas"]["ok"] and res["ffn"]["m1"]["gather"]["ok"]
   assert res["decode"]["auto_b1_ctx32"]["finite"] and res["decode"]["pallas_b1_ctx32"]["finite"]
+
+
+def test_model_with_kernel_matches_xla():
+  cfg = T.MOE_CONFIGS["moe"].replace(hidden_size=128, moe_intermediate_size=192)
+  model = NemotronH(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5))
+  moe_lib.set_implementation(model, "xla")
+  want = np.asarray(model(ids), np.float32)
+  moe_lib.set_implementation(model, "pallas")
+  got = np.asarray(model(ids), np.float32)
+  T.assert_close(got, want, "bfloat16", "model")
