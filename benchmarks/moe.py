@@ -132,8 +132,9 @@ def ffn_variants(m, k, e, smoke):
     return {"pallas": kernel.Config(tile_m=64, tile_n=64, num_stages=2)}
   out = {"pallas": None}
   if m * k < 8 * e:
-    out.update({"pallas[64x64x4]": kernel.Config(64, 64, 4),
-                "pallas[64x128x4]": kernel.Config(64, 128, 4)})
+    out.update({"pallas[t16x64x8]": kernel.Config(16, 64, 8, transposed=True),
+                "pallas[t16x128x4]": kernel.Config(16, 128, 4, transposed=True),
+                "pallas[64x64x6]": kernel.Config(64, 64, 6)})
   else:
     out.update({"pallas[ws128x256x3]": kernel.Config(128, 256, 3, warp_specialized=True),
                 "pallas[ws128x256x3,bf16]": kernel.Config(128, 256, 3, down_dtype="bfloat16",

@@ -64,6 +64,8 @@ def test_padded_layout_puts_each_tile_in_one_expert():
     kernel.Config(tile_m=64, tile_n=128, num_stages=2),  # f = 192: the last tile overlaps
     kernel.Config(tile_m=128, tile_n=64, num_stages=3, down_dtype="bfloat16"),
     kernel.Config(tile_m=128, tile_n=128, num_stages=2, warp_specialized=True),
+    kernel.Config(tile_m=16, tile_n=128, num_stages=2, transposed=True),
+    kernel.Config(tile_m=32, tile_n=64, num_stages=3, transposed=True, down_dtype="bfloat16"),
 ])
 def test_interpret_matches_dense_oracle(config):
   args = _inputs(_odd_groups(), 128, 192, 4)
@@ -84,6 +86,7 @@ def test_interpret_decode_pair_tiles(ids):
 
 @pytest.mark.parametrize("m,config", [
     (1, None), (64, None), (8192, None),
+    (64, kernel.Config(tile_m=64, tile_n=64, num_stages=4)),
     (8192, kernel.Config(tile_m=128, tile_n=256, num_stages=3, warp_specialized=True))])
 def test_lowers_for_cuda_at_nano_shape(m, config):
   # Pallas -> Mosaic GPU lowering (wgmma operand transforms, TMA slices, layouts) runs on the CPU
@@ -123,8 +126,10 @@ def test_unsupported_shapes_error_in_one_line():
     kernel.moe_ffn(x, ids, w, up.astype(jnp.float32), down.astype(jnp.float32), interpret=True)
   with pytest.raises(ValueError, match="grouped_matmul"):
     kernel.grouped_matmul(x[:, :64], up, jnp.zeros((1,), jnp.int32), interpret=True)
-  with pytest.raises(ValueError, match="tile_m must be 64 or 128"):
+  with pytest.raises(ValueError, match="tile_m must be one of"):
     kernel.Config(tile_m=32)
+  with pytest.raises(ValueError, match="cannot be combined"):
+    kernel.Config(tile_m=16, transposed=True, warp_specialized=True)
 
 
 @pytest.mark.gpu

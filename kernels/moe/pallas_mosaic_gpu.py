@@ -28,14 +28,19 @@ Decode: only tiles of chosen experts exist (at m = 1, k = 6: six tiles), so only
 experts' weights are read; the padded rows cost tensor-core time, not bytes. For a handful of
 rows (`per_pair`) each pair gets its own tile without sorting (`pair_layout`): the layout's
 small XLA kernels would cost more than the expert reads they organise. `default_config`
-picks 64-row tiles and 64-column tiles when P is small (more CTAs to stream the few experts),
-128 × 128 for prefill.
+picks the transposed form when P is small: the weights are the wgmma's M side (64 rows of an
+expert per tile) and 16 token rows its N side, giving outᵀ, so the padding of a one-token tile
+costs 16 rows of tensor-core work and of shared-memory traffic instead of 64 (`Config.transposed`);
+128 × 128 tiles (or, warp-specialised, 128 × 256) for prefill.
 
 Requirements (`supports`): bf16, d and f multiples of 64 (TMA/swizzle width), at least `tile_n`.
 
 Interpret mode (`interpret=True`, CPU tests) runs the same layout, grid and pipeline on Mosaic
 GPU's interpreter with `jnp.dot` for the product (the interpreter has no transposed wgmma
 operand) and no swizzle.
+
+Status (2026-12-01): lowered for CUDA (tests/test_moe_pallas.py) and run on the interpreter only;
+not yet compiled, checked or timed on an H200 (`HARDWARE_VERIFIED`; benchmarks/moe.py does it).
 """
 
 from __future__ import annotations
@@ -71,16 +76,24 @@ class Config:
     warp_specialized: three warpgroups per CTA, one streaming the operands with TMA and two
       computing, each on half of the columns (`tile_n` 256: two [tile_m, 128] accumulators);
       otherwise one warpgroup issues both the copies and the wgmmas.
+    transposed: weights as the wgmma's M side (tile_n weight rows, 64 or 128) and the tokens as
+      its N side (`tile_m` of 16, 32 or 64 rows), producing outᵀ; for decode, where the token
+      tiles are mostly padding: 16-row tiles cut the padded work and the token traffic from
+      shared memory 4x against 64-row ones.
   """
   tile_m: int = 128
   tile_n: int = 128
   num_stages: int = 4
   down_dtype: str = "float32"
   warp_specialized: bool = False
+  transposed: bool = False
 
   def __post_init__(self):
-    if self.tile_m not in (64, 128):
-      raise ValueError(f"Config.tile_m must be 64 or 128, got {self.tile_m}")
+    rows = (16, 32, 64) if self.transposed else (64, 128)
+    if self.tile_m not in rows:
+      raise ValueError(f"Config.tile_m must be one of {rows}, got {self.tile_m}")
+    if self.transposed and self.warp_specialized:
+      raise ValueError("Config: transposed and warp_specialized cannot be combined")
     if self.tile_n not in ((128, 256) if self.warp_specialized else (64, 128)):
       raise ValueError(f"Config.tile_n must be 64 or 128 (128 or 256 when warp_specialized), "
                        f"got {self.tile_n}")
@@ -91,7 +104,7 @@ class Config:
                        f"{self.down_dtype!r}")
 
 
-DECODE_CONFIG = Config(tile_m=64, tile_n=64, num_stages=6)
+DECODE_CONFIG = Config(tile_m=16, tile_n=64, num_stages=6, transposed=True)
 PREFILL_CONFIG = Config(tile_m=128, tile_n=128, num_stages=4)
 
 
@@ -133,6 +146,9 @@ def _act(activation):
 
 def _build_kernel(*, rows, k_dim, n, e, activation, out_dtype, config: Config, interpret: bool):
   """out[r] = act(w[tile_expert[r // tile_m]] · lhs[r]) for rows r of used tiles; [rows, n]."""
+  if config.transposed:
+    return _build_t_kernel(rows=rows, k_dim=k_dim, n=n, activation=activation,
+                           out_dtype=out_dtype, config=config, interpret=interpret)
   if config.warp_specialized:
     return _build_ws_kernel(rows=rows, k_dim=k_dim, n=n, activation=activation,
                             out_dtype=out_dtype, config=config, interpret=interpret)
@@ -183,6 +199,60 @@ def _build_kernel(*, rows, k_dim, n, e, activation, out_dtype, config: Config, i
       body,
       out_type=jax.ShapeDtypeStruct((rows, n), out_dtype),
       grid=(pl.cdiv(n, TN), rows // TM),
+      grid_names=("n", "m"),
+      compiler_params=compiler_params,
+      interpret=interp,
+  )
+
+
+def _build_t_kernel(*, rows, k_dim, n, activation, out_dtype, config: Config, interpret: bool):
+  """`_build_kernel` with the operands' roles swapped: outᵀ [n, rows] = w[g] · lhs[tile]ᵀ."""
+  TT, TN, BK = config.tile_m, config.tile_n, _BLOCK_K
+  in_tf = _transforms(BK, jnp.bfloat16, interpret)
+  out_tf = _transforms(TT, out_dtype, interpret)
+  steps = k_dim // BK
+  act = _act(activation)
+
+  def body(tile_expert_ref, lhs_ref, w_ref, o_ref):
+    ni = lax.axis_index("n")
+    mi = lax.axis_index("m")
+    g = tile_expert_ref[mi]
+    n0 = jnp.minimum(ni * TN, n - TN)
+    specs = [plgpu.BlockSpec((TN, BK), lambda kb: (0, kb), transforms=in_tf, delay_release=1),
+             plgpu.BlockSpec((TT, BK), lambda kb: (0, kb), transforms=in_tf, delay_release=1)]
+
+    @pl.when(g >= 0)
+    def _():
+      w_gmem = w_ref.at[g, pl.ds(n0, TN)]
+      x_gmem = lhs_ref.at[pl.ds(mi * TT, TT)]
+      if interpret:
+        def dot_step(_, w_s, x_s, acc):
+          return acc + jnp.dot(w_s[...], x_s[...].T, preferred_element_type=f32)
+        acc = plgpu.emit_pipeline(dot_step, grid=(steps,), in_specs=specs,
+                                  max_concurrent_steps=config.num_stages,
+                                  init_carry=jnp.zeros((TN, TT), f32))(w_gmem, x_gmem)
+      else:
+        def mma_scope(acc_ref):
+          def mma_step(_, w_s, x_s):
+            plgpu.wgmma(acc_ref, w_s, plgpu.transpose_ref(x_s, (1, 0)))
+            plgpu.wgmma_wait(1)
+          plgpu.emit_pipeline(mma_step, grid=(steps,), in_specs=specs,
+                              max_concurrent_steps=config.num_stages)(w_gmem, x_gmem)
+          return acc_ref[...]
+        acc = pl.run_scoped(mma_scope, plgpu.ACC((TN, TT), f32))
+
+      def store(o_s):
+        o_s[...] = act(acc).astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, o_ref.at[pl.ds(n0, TN), pl.ds(mi * TT, TT)])
+        plgpu.wait_smem_to_gmem(0)
+      pl.run_scoped(store, plgpu.SMEM((TN, TT), out_dtype, transforms=out_tf))
+
+  interp, compiler_params = platform.mosaic_params(interpret=interpret, approx_math=False)
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((n, rows), out_dtype),
+      grid=(pl.cdiv(n, TN), rows // TT),
       grid_names=("n", "m"),
       compiler_params=compiler_params,
       interpret=interp,
@@ -265,6 +335,8 @@ def _build_ws_kernel(*, rows, k_dim, n, activation, out_dtype, config: Config, i
 def grouped_matmul(lhs, w, tile_expert, *, activation: str = "none", out_dtype=f32,
                    config: Config = PREFILL_CONFIG, interpret: bool = False):
   """act(w[g] · lhs[r]) for rows grouped in whole tiles; lhs [R, K], w [e, n, K] -> [R, n].
+
+  With `config.transposed` the result is returned transposed, [n, R].
 
   Args:
     lhs: [R, K] bf16 rows, R a multiple of `config.tile_m`; tile t (rows t·tile_m ...) belongs
@@ -371,7 +443,11 @@ def moe_ffn(x, expert_ids, weights, up, down, *, config: Config | None = None,
   xs = jnp.take(x.astype(up.dtype), src, axis=0)  # [T·tile_m, d]
   h = grouped_matmul(xs, up, tile_expert, activation="relu2", out_dtype=up.dtype, config=config,
                      interpret=interpret)
+  h = h.T if config.transposed else h  # [f, T·tile_m] -> rows again (decode: a few KB)
   ys = grouped_matmul(h, down, tile_expert, out_dtype=jnp.dtype(config.down_dtype),
                       config=config, interpret=interpret)
-  y = jnp.take(ys, dest, axis=0).reshape(m, k, d)
+  if config.transposed:
+    y = jnp.take(ys, dest, axis=1).T.reshape(m, k, d)
+  else:
+    y = jnp.take(ys, dest, axis=0).reshape(m, k, d)
   return jnp.einsum("mkd,mk->md", y, weights.astype(f32), preferred_element_type=f32)
