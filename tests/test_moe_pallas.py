@@ -133,15 +133,17 @@ def test_unsupported_shapes_error_in_one_line():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 64, 1024])
-def test_compiled_kernel_matches_ragged_dot_on_hopper(m):
+@pytest.mark.parametrize("m,config", [
+    (1, None), (64, None), (1024, None), (64, kernel.Config(64, 64, 4)),
+    (1024, kernel.Config(128, 256, 3, warp_specialized=True))])
+def test_compiled_kernel_matches_ragged_dot_on_hopper(m, config):
   e, k, d, f = NANO["e"], NANO["k"], NANO["d"], NANO["f"]
   rng = np.random.default_rng(m)
   ids = np.stack([rng.choice(e, k, replace=False) for _ in range(m)])
   args = _inputs(ids, d, f, e, seed=m)
-  got = kernel.moe_ffn(*args)
+  got = kernel.moe_ffn(*args, config=config)
   want = kmoe.moe_ffn_sorted(*args)
-  T.assert_close(got, want, "bfloat16", "kernel", f"m={m}")
+  T.assert_close(got, want, "bfloat16", "kernel", f"m={m} {config}")
 
 
 @pytest.mark.slow  # ~20 s: builds a tiny model, runs the kernel on the interpreter
