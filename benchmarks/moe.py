@@ -144,6 +144,22 @@ def ffn_variants(m, k, e, smoke):
   return out
 
 
+def jax_mgpu_ffn(x, ids, w, up, down):
+  """The routed FFN through JAX's example Hopper kernel `ragged_dot_mgpu` (a public comparison
+  point, no padding: tiles straddling two groups are computed for each), relu² in XLA."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+  m, k = ids.shape
+  order, sizes = kmoe.sort_by_expert(ids, up.shape[0])
+  xs = jnp.take(x, order // k, axis=0)
+  mm = lambda lhs, rhs, bn: ragged_dot_mgpu.ragged_dot(
+      lhs, rhs, group_sizes=sizes, block_m=128, block_n=bn, block_k=64, max_concurrent_steps=4,
+      grid_block_n=1, transpose_rhs=True)
+  h = jnp.square(jax.nn.relu(mm(xs, up, 64).astype(jnp.float32))).astype(jnp.bfloat16)
+  ys = mm(h, down, 128)
+  y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(m, k, -1)
+  return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), w)
+
+
 def part_ffn(args, kernels: bool):
   """The XLA rows (kernels=False) or the kernel rows (kernels=True) at every token count."""
   e, k, d, f = args.shape
@@ -163,6 +179,8 @@ def part_ffn(args, kernels: bool):
     else:
       for name, cfg in ffn_variants(m, k, e, args.smoke).items():
         fns[name] = (lambda c: lambda *a: kernel.moe_ffn(*a, config=c, interpret=interpret))(cfg)
+      if not interpret and m * k >= 8 * e:
+        fns["jax_ragged_dot_mgpu"] = jax_mgpu_ffn
 
     for name, fn in fns.items():
       def measure(fn=fn):
