@@ -12,7 +12,10 @@ from nemojax.sampler import Sampler
 from nemojax.sampling import SamplingParams
 from nemojax.tokenizer import DecodeStream, Tokenizer
 
-__version__ = importlib.metadata.version("nemojax")  # pyproject.toml is the one source
+try:
+  __version__ = importlib.metadata.version("nemojax")  # pyproject.toml is the one source
+except importlib.metadata.PackageNotFoundError:  # run from a copied source tree, not installed
+  __version__ = "0+unknown"
 
 __all__ = [
     "Cache", "ChatSession", "CheckpointError", "ConfigError", "KVState", "LayerType", "MambaState",
