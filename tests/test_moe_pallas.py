@@ -117,6 +117,31 @@ def test_dispatcher_keeps_xla_off_hopper():
   assert kmoe.resolve_implementation("pallas", **info) == "pallas"
 
 
+@pytest.fixture
+def pretend_hopper(monkeypatch):
+  """The dispatcher believes a Hopper GPU is present; fallback state is reset afterwards."""
+  platform.reset_fallbacks()
+  monkeypatch.setattr(platform, "mosaic_gpu_available", lambda: True)
+  yield
+  platform.reset_fallbacks()
+
+
+def test_dispatcher_on_hopper_needs_verified_tracing_kernel(pretend_hopper, monkeypatch):
+  info = dict(num_rows=64, top_k=6, num_experts=128, d=2688, f=1856, dtype=bf16)
+  assert kmoe.resolve_implementation(None, **info) == "ragged_dot"  # not verified on hardware
+  monkeypatch.setattr(kernel, "HARDWARE_VERIFIED", True)
+  assert kmoe.resolve_implementation(None, **info) == "pallas"  # it traces here
+  assert kmoe.resolve_implementation(None, **{**info, "f": 1850}) == "ragged_dot"  # unsupported
+  assert kmoe.resolve_implementation(None, **{**info, "dtype": jnp.float32}) == "ragged_dot"
+  platform.reset_fallbacks()
+
+  def broken(*args, **kwargs):
+    raise KeyError("moved API")
+  monkeypatch.setattr(kernel, "moe_ffn", broken)
+  with pytest.warns(RuntimeWarning, match="moe.pallas_mosaic_gpu.*KeyError.*XLA"):
+    assert kmoe.resolve_implementation(None, **info) == "ragged_dot"
+
+
 def test_unsupported_shapes_error_in_one_line():
   args = _inputs(np.array([[0, 1]], np.int32), 96, 128, 2)  # d = 96: not a multiple of 64
   with pytest.raises(ValueError, match=r"moe_ffn \(pallas\): needs bf16 .* up \(2, 128, 96\)"):
