@@ -139,9 +139,41 @@ def ffn_variants(m, k, e, smoke):
     out.update({"pallas[ws128x256x3]": kernel.Config(128, 256, 3, warp_specialized=True),
                 "pallas[ws128x256x3,bf16]": kernel.Config(128, 256, 3, down_dtype="bfloat16",
                                                           warp_specialized=True),
-                "pallas[128x128x3]": kernel.Config(128, 128, 3),
-                "pallas[128x128x4,bf16]": kernel.Config(128, 128, 4, down_dtype="bfloat16")})
+                "pallas[128x128x3,bf16]": kernel.Config(128, 128, 3, down_dtype="bfloat16"),
+                "pallas[128x128x4,f32]": kernel.Config(128, 128, 4)})
   return out
+
+
+def kernel_breakdown(x, ids, w, up, down, *, interpret, reps):
+  """Where the default kernel configuration's time goes: layout + row gather, the two grouped
+  GEMMs alone, and the final gather + weighted sum (ms each, separately jitted)."""
+  m, k = ids.shape
+  e, f, d = up.shape
+  cfg = kernel.default_config(m * k, e)
+
+  def layout(x, ids):
+    if kernel.per_pair(m, k, e):
+      src, dest, te = kernel.pair_layout(ids, cfg.tile_m)
+    else:
+      src, dest, te = kernel.padded_layout(ids, e, cfg.tile_m)
+    return jnp.take(x, src, axis=0), dest, te
+
+  xs, dest, te = jax.jit(layout)(x, ids)
+  gm = lambda a, wt, act, dt: kernel.grouped_matmul(a, wt, te, activation=act, out_dtype=dt,
+                                                    config=cfg, interpret=interpret)
+  up_fn = jax.jit(lambda a: gm(a, up, "relu2", jnp.bfloat16))
+  h = up_fn(xs)
+  h = h.T if cfg.transposed else h
+  down_fn = jax.jit(lambda a: gm(a, down, "none", jnp.dtype(cfg.down_dtype)))
+  ys = down_fn(h)
+
+  def combine(ys, dest, w):
+    y = jnp.take(ys, dest, axis=1).T if cfg.transposed else jnp.take(ys, dest, axis=0)
+    return jnp.einsum("mkd,mk->md", y.reshape(m, k, d), w, preferred_element_type=jnp.float32)
+  return dict(layout_ms=time_fn(jax.jit(layout), x, ids, reps=reps),
+              up_ms=time_fn(up_fn, xs, reps=reps), down_ms=time_fn(down_fn, h, reps=reps),
+              combine_ms=time_fn(jax.jit(combine), ys, dest, w, reps=reps),
+              config=str(cfg))
 
 
 def jax_mgpu_ffn(x, ids, w, up, down):
@@ -197,6 +229,9 @@ def part_ffn(args, kernels: bool):
       if r:
         ROWS.append((f"ffn m={m} {name}", f"{r['ms']:.3f} ms", f"err {r['err']:.1e}",
                      f"{roof:.3f} ms", f"{r['efficiency']:.0%}"))
+    if kernels:
+      guarded(row, "pallas_breakdown", args, lambda: kernel_breakdown(
+          x, ids, w, up, down, interpret=interpret, reps=3 if args.smoke else 7))
     save(args)
 
 
@@ -323,6 +358,11 @@ def print_table():
   for sub in RESULTS.get("ffn", {}).values():
     errors += [("ffn", name, v["error"][:160]) for name, v in sub.items()
                if isinstance(v, dict) and "error" in v]
+  for m, row in RESULTS.get("ffn", {}).items():
+    b = row.get("pallas_breakdown", {})
+    if "up_ms" in b:
+      print(f"kernel breakdown {m}: layout+gather {b['layout_ms']:.3f} ms, up {b['up_ms']:.3f} ms, "
+            f"down {b['down_ms']:.3f} ms, combine {b['combine_ms']:.3f} ms ({b['config']})")
   for part, name, msg in errors:
     print(f"failed: {part} {name}: {msg}")
 
