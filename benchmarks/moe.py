@@ -7,7 +7,11 @@ Parts (comma-separated `--parts`):
            kernel in its default config and a few variants. Median ms, the roofline
            t* = max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s) with bytes = the touched experts'
            weights + activations and FLOPs = 4·m·k·d·f, efficiency t*/t, and the error against
-           the dense oracle on the first 16 rows.
+           the dense oracle on the first 16 rows. At prefill also JAX's example Hopper kernel
+           (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`) for comparison, and for the
+           kernel's default configuration a breakdown (layout + row gather, up, down, combine):
+           t* leaves out the sorted design's own traffic (the k-fold copy of the rows, h and the
+           per-pair outputs through HBM), which the breakdown shows.
   decode   the whole model (random bf16 weights, `nemojax.testing.random_model`, ~63 GB) through
            the engine's decode loop at batch 1 and 64 (context 1024): ms/step, tok/s, roofline
            from the bytes a step reads (non-expert weights, the experts the batch touches, the
@@ -22,8 +26,9 @@ error and the rest still runs; a time budget (`--budget-s`) skips what would not
 go to OUT/moe.json (written after every part) and a table is printed last. `--smoke` runs a tiny
 configuration on the CPU (the kernel on Mosaic GPU's interpreter) in seconds.
 
-Usage on the device machine:
+Usage on the device machine (about 3-4 minutes, compilation included; `--budget-s` guards it):
   python benchmarks/moe.py --out $OUT
+  python benchmarks/moe.py --parts long --model-impls auto --out $OUT   # the 128k prompt
 """
 
 from __future__ import annotations
