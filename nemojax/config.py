@@ -461,8 +461,10 @@ class NemotronHConfig:
     """NVIDIA-Nemotron-3-Nano-30B-A3B: 52 layers (23 Mamba-2, 23 MoE, 6 attention), 128 routed
     experts + 1 shared, top-6; 31,577,937,344 parameters, 3,580,073,408 active.
 
-    Sources: the model's config.json as quoted in public test fixtures (e.g. a `nemotron3_jax`
-    model test) and NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
+    Sources: the model's config.json (transformers_version 4.55.4) as quoted in
+    jax-ml/jax-llm-examples `nemotron3/` tests (`NEMOTRON3_30B_JSON`; a copy is
+    tests/data/nemotron3_nano_30b_a3b_config.json, checked field by field by
+    tests/test_moe_presets.py) and NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
     (`Nemotron3NanoProvider`: topk 6, scaling 2.5, shared width 3712 = 2 x 1856).
     """
     return cls(
@@ -493,10 +495,14 @@ class NemotronHConfig:
     routed experts in a 1024-wide latent space + 1 shared, top-22; 120,668,687,360 parameters,
     12,770,216,960 active.
 
-    Source: NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
-    (`Nemotron3SuperProvider`). *Unverified* against the released config.json (vocabulary size,
-    norm_topk_prob and the MTP layer count are the family's values): load the checkpoint's
-    config.json rather than relying on this preset for real weights.
+    Sources: NVIDIA Megatron-Bridge `models/nemotronh/nemotron_h_provider.py`
+    (`Nemotron3SuperProvider`) and its NemotronHBridge unit tests (512 experts, top-22, 2688 wide,
+    latent 1024, shared 5376, scaling 5.0, MTP pattern "*E"); the 88-layer pattern as public
+    Megatron launch scripts for Super give it (`--hybrid-override-pattern`); vocabulary 131072,
+    one MTP layer (`num_nextn_predict_layers`, read and ignored) and eos_token_id [2, 11] as
+    public loaders of the released checkpoints assert them. The full released config.json was
+    not found in public sources: load the checkpoint's config.json rather than relying on this
+    preset for real weights.
     """
     return cls(
         hidden_size=4096,
@@ -520,6 +526,8 @@ class NemotronHConfig:
         n_group=1,
         topk_group=1,
         norm_topk_prob=True,
+        num_nextn_predict_layers=1,
+        eos_token_id=(2, 11),
     )
 
   @classmethod
