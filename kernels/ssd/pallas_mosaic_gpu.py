@@ -41,7 +41,8 @@ Training: `pallas_mosaic_gpu_bwd.ssd` (the public entry) is a `custom_vjp`. Its 
 kernel with `emit_states`, which also writes the bf16 Sᵀ entering every block (one TMA store of
 the tile the C·Sᵀ product reads; 2·n·p bytes per head and block, ~20 KB per token at p = 80:
 saved rather than recomputed because a recompute pass would read x, B, C again and cost more).
-Its backward (`Config.backward`): "blocks" (default, `pallas_mosaic_gpu_bwd_blocks`) runs this
+Its backward (`Config.backward`): "blocks" (default; on hardware only at the head dims in
+`pallas_mosaic_gpu_bwd.BLOCKS_ON_HARDWARE`, the rest run "pallas"; `pallas_mosaic_gpu_bwd_blocks`) runs this
 kernel again with `reverse=True` (the adjoint walk) and a block-parallel dB/dC kernel; "pallas"
 the older one-CTA-per-head reverse walk (`pallas_mosaic_gpu_bwd`); "xla" the XLA reference's VJP
 (the path on every non-Hopper backend, where the dispatcher never picks this module).
