@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture
+def pretend_hopper(monkeypatch):
+  """The kernel dispatchers believe a Hopper GPU is present; fallback state is reset afterwards."""
+  from nemojax.kernels import platform
+  platform.reset_fallbacks()
+  monkeypatch.setattr(platform, "mosaic_gpu_available", lambda: True)
+  yield
+  platform.reset_fallbacks()

@@ -81,14 +81,6 @@ def test_compiled_kernels_trace_on_this_jax():
   assert (o.shape, o.dtype) == ((1, 100, 2, 128), BF16)
 
 
-@pytest.fixture
-def pretend_hopper(monkeypatch):
-  """The dispatchers believe a Hopper GPU is present; fallback state is reset afterwards."""
-  platform.reset_fallbacks()
-  monkeypatch.setattr(platform, "mosaic_gpu_available", lambda: True)
-  yield
-  platform.reset_fallbacks()
-
 
 def _broken(*args, **kwargs):
   raise KeyError("idx")  # what jax 0.12's plgpu.load signature did to the old check (issue #20)

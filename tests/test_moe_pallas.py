@@ -117,14 +117,6 @@ def test_dispatcher_keeps_xla_off_hopper():
   assert kmoe.resolve_implementation("pallas", **info) == "pallas"
 
 
-@pytest.fixture
-def pretend_hopper(monkeypatch):
-  """The dispatcher believes a Hopper GPU is present; fallback state is reset afterwards."""
-  platform.reset_fallbacks()
-  monkeypatch.setattr(platform, "mosaic_gpu_available", lambda: True)
-  yield
-  platform.reset_fallbacks()
-
 
 def test_dispatcher_on_hopper_needs_verified_tracing_kernel(pretend_hopper, monkeypatch):
   info = dict(num_rows=64, top_k=6, num_experts=128, d=2688, f=1856, dtype=bf16)
