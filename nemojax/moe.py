@@ -20,10 +20,13 @@ capacity limits: every (token, expert) pair is computed, so results match transf
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemojax import sharding
 from nemojax.config import NemotronHConfig
 from nemojax.kernels.moe import api as moe_api
 from nemojax.layers import MLP, Linear, scaled_out_std
@@ -84,8 +87,9 @@ class Experts(nnx.Module):
 
   def __call__(self, x, expert_ids, weights, *, implementation: str | None = None):
     """x [m, L] -> Σ_j weights[:, j] · expert_j(x) [m, L] float32."""
-    return moe_api.moe_ffn(x, expert_ids, weights, self.up_proj[...], self.down_proj[...],
-                           implementation=implementation)
+    ffn = functools.partial(moe_api.moe_ffn, implementation=implementation)
+    return sharding.experts_per_shard(self, ffn, x, expert_ids, weights, self.up_proj[...],
+                                      self.down_proj[...])
 
 
 class MoE(nnx.Module):

@@ -51,6 +51,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -439,8 +440,57 @@ def attention_per_shard(module, attend: Callable, q, k, v, pos, start, num_keys)
                     q, k, v, scalar(pos), start, scalar(num_keys))
 
 
+def experts_per_shard(module, ffn: Callable, x, expert_ids, weights, up, down):
+  """Runs the routed experts `ffn(x, expert_ids, weights, up, down) -> [m, d]` (float32) once
+  per shard (`shard_map`) on the layout of `module`: expert parallelism over the `expert` axes,
+  the experts' hidden width over the `mlp` axes, rows as the batch is split.
+
+  Left to the partitioner, the gather / sort + grouped matmul over sharded expert weights move
+  the chosen experts' weights between devices (for decode, an all-reduce of every gathered
+  [f, d] matrix), and a Pallas kernel (a custom call) would be run on gathered operands. Here
+  every device keeps its rows and scores them against the experts it holds: pairs routed to
+  another device's experts get weight 0 and a local expert index (spread over the local experts
+  so none is overloaded); relu² acts on each hidden unit alone, so a slice of the hidden width
+  gives a slice of the sum. One all-reduce over the expert and mlp axes adds the partial outputs:
+  the traffic of one tensor-parallel MLP. Each device reads only its own experts' weights; the
+  zero-weight pairs are still computed, so prefill FLOPs are not divided by the expert axis (a
+  token all-to-all would divide them).
+  """
+  layout = layout_of(module)
+  if layout is None:
+    return ffn(x, expert_ids, weights, up, down)
+  e, f = up.shape[0], up.shape[1]
+  experts = _mesh_axes(layout.spec(("expert",), (e,)))
+  mlp = tuple(a for a in _mesh_axes(layout.spec(("mlp",), (f,))) if a not in experts)
+  rows = _first(layout.spec(("batch",), (x.shape[0],)))
+  reduce_axes = experts + mlp
+
+  def local(x, ids, w, up, down):
+    if experts:
+      e_local = up.shape[0]
+      offset = jax.lax.axis_index(experts) * e_local
+      mine = (ids >= offset) & (ids < offset + e_local)
+      ids, w = jnp.where(mine, ids - offset, ids % e_local), jnp.where(mine, w, 0.0)
+    y = ffn(x, ids, w, up, down)
+    return jax.lax.psum(y, reduce_axes) if reduce_axes else y
+
+  context = _context_mesh()
+  mesh = context if not context.empty else layout.mesh
+  one = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
+  return jax.shard_map(
+      local, mesh=mesh, check_vma=False, out_specs=P(rows, None),
+      in_specs=(P(rows, None), P(rows, None), P(rows, None), P(one(experts), one(mlp), None),
+                P(one(experts), None, one(mlp))))(x, expert_ids, weights, up, down)
+
+
 def _first(spec: P):
   return spec[0] if len(spec) else None
+
+
+def _mesh_axes(spec: P) -> tuple:
+  """The mesh axes of a one-dimension spec's entry, as a tuple (() when replicated)."""
+  first = _first(spec)
+  return () if first is None else _as_tuple(first)
 
 
 def _as_tuple(axes) -> tuple:

@@ -153,13 +153,17 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
 
 
-def random_model(config: NemotronHConfig, dtype=None, seed: int = 0):
+def random_model(config: NemotronHConfig, dtype=None, seed: int = 0, layout=None):
   """A model with random weights made one tensor at a time, directly in its dtype.
 
   For benchmarks at real sizes: device memory peaks at the weights plus one tensor's temporaries
   (the modules' own initialiser draws float32 first). Values keep activations O(1): matrices
   ~ N(0, 1/fan_in), A_log = log U(1, 16), dt_bias ~ N(-3, 1), other vectors (norm scales, D,
   biases) 1.
+
+  With a `nemojax.sharding.Layout`, each tensor is drawn straight into its shards (no device
+  holds a whole tensor) and the model carries the layout; the values equal the unsharded
+  model's (JAX's partitionable threefry), so sharded runs compare against single-device ones.
   """
   import functools  # noqa: PLC0415
 
@@ -173,8 +177,7 @@ def random_model(config: NemotronHConfig, dtype=None, seed: int = 0):
   graphdef, state = nnx.split(abstract)
   leaves, treedef = jax.tree.flatten_with_path(state)
 
-  @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-  def draw(key, shape, dt, kind):
+  def draw_values(key, shape, dt, kind):
     if kind == "A_log":
       return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dt)
     if kind == "dt_bias":
@@ -184,15 +187,27 @@ def random_model(config: NemotronHConfig, dtype=None, seed: int = 0):
     scale = 1.0 / math.sqrt(shape[-1])
     return (jax.random.normal(key, shape, dt) * jnp.asarray(scale, dt)).astype(dt)
 
+  draw = jax.jit(draw_values, static_argnums=(1, 2, 3))
+
+  @functools.cache
+  def sharded_draw(sharding):
+    return jax.jit(draw_values, static_argnums=(1, 2, 3), out_shardings=sharding)
+
   base = jax.random.key(seed)
   values = []
   for i, (path, leaf) in enumerate(leaves):
     name = jax.tree_util.keystr(path)
     kind = ("A_log" if "A_log" in name else "dt_bias" if "dt_bias" in name
             else "ones" if leaf.ndim == 1 else "weight")
-    values.append(jax.block_until_ready(draw(jax.random.fold_in(base, i), tuple(leaf.shape),
-                                             jnp.dtype(leaf.dtype), kind)))
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+    fn = draw if layout is None else sharded_draw(jax.sharding.NamedSharding(
+        layout.mesh, layout.param_spec(path, leaf.shape)))
+    values.append(jax.block_until_ready(fn(jax.random.fold_in(base, i), tuple(leaf.shape),
+                                           jnp.dtype(leaf.dtype), kind)))
+  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+  if layout is not None:
+    from nemojax.sharding import attach  # noqa: PLC0415
+    attach(model, layout)
+  return model
 
 
 @dataclasses.dataclass(frozen=True)

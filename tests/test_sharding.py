@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,35 @@ def test_moe_experts_over_the_expert_axis():
   T.assert_close(np.asarray(sharded(ids)), want, "float32", "same", "logits")
 
 
+@pytest.mark.parametrize("name", ["moe", "latent"])
+@pytest.mark.parametrize("axes", [("tensor", "expert"), ("data", "tensor")])
+def test_experts_run_per_shard(name, axes):
+  # Experts over 4 devices and their hidden width over 2 (or rows over 2 and the width over 4):
+  # no expert weight moves between devices in the compiled forward (prefill, and one token,
+  # where the experts' weights are gathered), and logits and greedy decode tokens equal the
+  # unsharded model's.
+  config = T.MOE_CONFIGS[name]
+  ids = _ids(config.vocab_size, (4, 9), seed=7)
+  model = NemotronH(config, dtype=jnp.float32, rngs=nnx.Rngs(2))
+  want = np.asarray(model(ids))
+  mesh = _mesh((2, 4), axes)
+  sharded = S.shard_model(NemotronH(config, dtype=jnp.float32, rngs=nnx.Rngs(2)), mesh)
+  graphdef, state = nnx.split(sharded)
+  forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+  tensor = mesh.shape["tensor"]
+  f = config.moe_intermediate_size // (tensor if config.moe_intermediate_size % tensor == 0 else 1)
+  width = config.moe_expert_dim
+  for tokens in (ids, ids[:1, :1]):  # prefill, and one token (decode: the gather path)
+    hlo = forward.lower(state, tokens).compile().as_text()
+    outputs = [line[:match.start()] for line in hlo.splitlines()
+               if (match := re.search(r" (all-gather|all-reduce|all-to-all)(-start)?\(", line))]
+    moved = [o for o in outputs if f",{f},{width}]" in o or f",{width},{f}]" in o]
+    assert not moved, f"expert weights move between devices: {moved}"
+  T.assert_close(np.asarray(sharded(ids)), want, "float32", "same", "logits")
+  greedy = lambda m: [r.tokens for r in Sampler(m)(PROMPTS, max_new_tokens=5)]
+  assert greedy(sharded) == greedy(model)
+
+
 def test_lora_model_shards_like_its_base(tensor_parallel):
   model, _ = tensor_parallel
   ids = _ids(CONFIG.vocab_size, seed=6)
@@ -211,8 +241,14 @@ def _script(args, tmp_path):
 @pytest.mark.slow
 def test_benchmark_scripts_smoke(tmp_path):
   _script(["benchmarks/multi_gpu.py", "--smoke"], tmp_path)
-  check = json.loads((tmp_path / "multi_gpu_smoke.json").read_text())["check"]
-  assert check["greedy_tokens_equal"] and check["logits_rel_err"] <= T.tolerance("float32", "same")
+  result = json.loads((tmp_path / "multi_gpu_smoke.json").read_text())
+  checks = [r["check"] for r in result["table"] if r.get("check")]
+  assert {r["row"] for r in result["table"]} == {"dense-tp1", "dense-tp4", "moe-ep1", "moe-ep4",
+                                                 "train-fsdp8"}
+  assert len(checks) == 2 and all(c["logits_rel_err"] <= T.tolerance("float32", "same")
+                                  for c in checks)
+  decode = [r for r in result["table"] if r["row"] == "dense-tp4" and r["part"] == "decode b1"]
+  assert decode[0]["same_tokens"]  # greedy tokens of the sharded model equal one device's
   _script(["benchmarks/sharding_memory.py", "--config", "tiny", "--parts", "prefill", "--devices",
            "2", "--chunk", "16", "--cache-len", "64"], tmp_path)
   rows = json.loads((tmp_path / "sharding_memory.json").read_text())["rows"]

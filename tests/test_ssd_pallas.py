@@ -109,10 +109,10 @@ def test_backward_kernel_matches_reference_vjp(b, t, h, p, g):
   check_grads(g_kern, grads(ref32_vjp(args), args), args)
 
 
-@pytest.mark.parametrize("backward", ["blocks", "pallas"])
+@pytest.mark.parametrize("backward", ["blocks", "xla"])
 def test_backward_kernel_without_d_or_state(backward):
   # D and the initial state absent: their cotangents are None, the others still match (both
-  # backward kernels: the block-parallel default and the older reverse walk).
+  # backward paths: the block-parallel kernels, the default, and the XLA reference's VJP).
   args = inputs(5, b=1, t=64, h=1, p=64, g=1, with_state=False, with_d=False)
   config = pmg.Config(backward=backward)
   g_kern = grads(lambda *a: pmg.ssd(*a, chunk_size=128, config=config, interpret=True), args)
@@ -137,6 +137,12 @@ def test_supports_and_dispatch():
   assert impl == "xla"
   with pytest.raises(ValueError):
     pmg.Config(block_t=64)
+
+
+def test_config_rejects_unknown_backward():
+  # "pallas" (the v2 backward kernel, removed 2026-12-01) is no longer a backward.
+  with pytest.raises(ValueError, match="Config.backward"):
+    pmg.Config(backward="pallas")
 
 
 # ---- GPU machine only -------------------------------------------------------------------------

@@ -4,7 +4,8 @@
   None      pick the fastest available for the arrays' device ("pallas" on a Hopper-or-newer
             NVIDIA GPU when the kernel supports the shapes, else "xla").
   "xla"     `reference.ssd_chunked`, runs everywhere (CPU, TPU, any GPU).
-  "pallas"  the Mosaic GPU kernels (`pallas_mosaic_gpu.py`, `pallas_mosaic_gpu_bwd.py`); without a
+  "pallas"  the Mosaic GPU kernels (`pallas_mosaic_gpu.py`; backward `pallas_mosaic_gpu_bwd.py`,
+            `pallas_mosaic_gpu_bwd_blocks.py`); without a
             Hopper-or-newer GPU they run on Mosaic GPU's CPU interpreter (slow: for tests); an error
             for shapes they do not support.
   "naive"   the `lax.scan` oracle; for tests.

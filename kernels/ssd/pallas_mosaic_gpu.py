@@ -41,11 +41,10 @@ Training: `pallas_mosaic_gpu_bwd.ssd` (the public entry) is a `custom_vjp`. Its 
 kernel with `emit_states`, which also writes the bf16 Sᵀ entering every block (one TMA store of
 the tile the C·Sᵀ product reads; 2·n·p bytes per head and block, ~20 KB per token at p = 80:
 saved rather than recomputed because a recompute pass would read x, B, C again and cost more).
-Its backward (`Config.backward`): "blocks" (default; on hardware only at the head dims in
-`pallas_mosaic_gpu_bwd.BLOCKS_ON_HARDWARE`, the rest run "pallas"; `pallas_mosaic_gpu_bwd_blocks`) runs this
-kernel again with `reverse=True` (the adjoint walk) and a block-parallel dB/dC kernel; "pallas"
-the older one-CTA-per-head reverse walk (`pallas_mosaic_gpu_bwd`); "xla" the XLA reference's VJP
-(the path on every non-Hopper backend, where the dispatcher never picks this module).
+Its backward (`Config.backward`): "blocks" (default; `pallas_mosaic_gpu_bwd_blocks`) runs this
+kernel again with `reverse=True` (the adjoint walk) and a block-parallel dB/dC kernel; "xla" the
+XLA reference's VJP (the path on every non-Hopper backend, where the dispatcher never picks this
+module).
 
 Packed sequences (`segment_ids`): `prepare` subtracts `DOC_PENALTY` from a = dt·A at every
 document's first step before the block cumsum, so every decay across a boundary is exactly 0;
@@ -93,8 +92,7 @@ class Config:
     fuse_waits: issue independent wgmmas together and wait once per group (two waits per
       block: C·Sᵀ with the C·Bᵀ tiles; then the state and (CB∘L)·X products) instead of one
       wait per product.
-    backward: "blocks", "pallas" or "xla": the backward pass (module docstring, Training).
-    bwd_stages, bwd_grad_dtype: knobs of the "pallas" backward kernel.
+    backward: "blocks" or "xla": the backward pass (module docstring, Training).
     probe: measurements only, wrong results: "no_bc_reload" loads C and Bᵀ only for the first
       stages (isolates their traffic), "no_compute" streams inputs and outputs without math.
   """
@@ -106,19 +104,14 @@ class Config:
   fuse_waits: bool = False
   probe: str = ""
   backward: str = "blocks"
-  bwd_stages: int = 1
-  bwd_grad_dtype: str = "bfloat16"
 
   def __post_init__(self):
     if self.block_t != _ROWS * _COMPUTE_WGS:
       raise ValueError(f"Config.block_t must be {_ROWS * _COMPUTE_WGS}, got {self.block_t}")
     if self.num_stages < 1:
       raise ValueError(f"Config.num_stages must be >= 1, got {self.num_stages}")
-    if self.backward not in ("pallas", "blocks", "xla"):
-      raise ValueError(f"Config.backward must be 'pallas', 'blocks' or 'xla', "
-                       f"got {self.backward!r}")
-    if self.bwd_stages < 1:
-      raise ValueError(f"Config.bwd_stages must be >= 1, got {self.bwd_stages}")
+    if self.backward not in ("blocks", "xla"):
+      raise ValueError(f"Config.backward must be 'blocks' or 'xla', got {self.backward!r}")
 
 
 DEFAULT_CONFIG = Config()
