@@ -96,7 +96,8 @@ def _parse_args():
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--head-dims", default="80,64")
   ap.add_argument("--chunks", default="128,256")
-  ap.add_argument("--impls", default="pallas,xla,mamba,jla")
+  ap.add_argument("--impls", default="pallas,xla,mamba,jla",
+                  help="of pallas, xla, mamba, jla, jla_kernel (jla's kernel alone)")
   ap.add_argument("--mamba-path", default=None)
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--variant-shapes", default="", help="time the variants only at these shapes")
@@ -131,12 +132,14 @@ def _load_baselines(args, impls):
   missing."""
   mamba_chunk_scan_combined = None
   jla_gla = None
-  if "jla" in impls:
+  if "jla" in impls or "jla_kernel" in impls:
     try:
       from jla.ops.mosaic_gpu.scalar_gate import simple_gla as jla_gla
     except Exception as e:
       print(f"jax-linear-attention unavailable: {e!r}")
-      impls.remove("jla")
+      for name in ("jla", "jla_kernel"):
+        if name in impls:
+          impls.remove(name)
   torch = None
   if "mamba" in impls:
     try:
@@ -188,7 +191,18 @@ def _make_fns(args, config, variants, jla_gla):
 
   jit_jla = jax.jit(jla, static_argnums=7)
   jit_ref = jax.jit(ref32, static_argnums=7)
-  return jit_ours, jit_variants, jit_xla, jit_jla, jit_ref
+
+  # "jla_kernel": jla's kernel alone, its inputs formed outside the timed call (x·dt in bf16 and
+  # the log-decay dt·A: what `jla` above computes in XLA first), no final state: what the jla
+  # column would be if SSD's dt were fused into its kernel. Not checked (y without D·x).
+  def jla_inputs(x, dt_raw, A, B, C, D, dt_bias, chunk):
+    dt = softplus(dt_raw + dt_bias)
+    return C, B, (x * dt[..., None]).astype(x.dtype), dt * A
+
+  jit_jla_kernel = (jax.jit(jla_inputs, static_argnums=7),
+                    jax.jit(lambda c, b, u, g: jla_gla(c, b, u, g, scale=1.0,
+                                                        output_final_state=False)[0]))
+  return jit_ours, jit_variants, jit_xla, jit_jla, jit_ref, jit_jla_kernel
 
 
 def _run_backward(args, config, make_config):
@@ -218,7 +232,8 @@ def main():
   if torch is not None:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
 
-  jit_ours, jit_variants, jit_xla, jit_jla, jit_ref = _make_fns(args, config, variants, jla_gla)
+  jit_ours, jit_variants, jit_xla, jit_jla, jit_ref, jit_jla_kernel = _make_fns(
+      args, config, variants, jla_gla)
   jsync = lambda o: jax.block_until_ready(o)
   rows = []
   key = jax.random.key(0)
@@ -253,6 +268,12 @@ def main():
               row[f"{impl}_first_s"] = time.perf_counter() - t0
               ms, _ = time_fn(lambda: fn(), (), lambda o: torch.cuda.synchronize())
               out = [o.float().cpu().numpy() for o in out]
+            elif impl == "jla_kernel":
+              if p not in (64, 128):
+                continue
+              kin = jax.block_until_ready(jit_jla_kernel[0](*inp, chunk))
+              row[f"{impl}_ms"], _ = time_fn(jit_jla_kernel[1], kin, jsync)
+              continue
             else:
               if impl == "xla" and b * L > args.xla_max_tokens:
                 continue
@@ -374,7 +395,7 @@ def print_table(rows):
             f"| {r['roofline_ms'] / r['xla_ms']:.0%} | {m:.4f} | {r['xla_ms'] / m:.2f} |")
   for r in rows:
     extra = [f"{k[:-3]} {v:.3f} ms" for k, v in r.items()
-             if k.startswith("pallas[") and k.endswith("_ms")]
+             if (k.startswith("pallas[") or k == "jla_kernel_ms") and k.endswith("_ms")]
     if extra:
       print(f"variants {r['shape']} P={r['p']} Q={r['chunk']}: " + "; ".join(extra))
   errs = [(r.get("shape"), k, v[:200]) for r in rows for k, v in r.items() if k.endswith("error")]
