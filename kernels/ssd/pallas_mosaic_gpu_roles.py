@@ -5,7 +5,7 @@ its two compute warpgroups split by role rather than by rows (benchmarks/ssd_not
 "forward vs jax-linear-attention", plan item 1):
 
 * WG 0 (`state_warpgroup`) carries the whole Sᵀ [n, p] (fp32, two 64-row register tiles) and
-  walks each 128-step block as two 64-step row_tiles k = 0, 1 with Λ_b, Λ_e = 0, Λ_63 (k = 0) and
+  walks each 128-step block as two 64-step halves k = 0, 1 with Λ_b, Λ_e = 0, Λ_63 (k = 0) and
   Λ_63, Λ_127 (k = 1). Per half it publishes the bf16 Sᵀ entering the half into slot k of a
   2-deep ring in shared memory (after the output warpgroup freed that slot), then
       Sᵀ ← e^{Λ_e − Λ_b} Sᵀ + Σ_{s in half} B_s (e^{Λ_e − Λ_s} dt_s) x_sᵀ
@@ -73,7 +73,7 @@ def state_warpgroup(k, ops, *, x_s, bt_s, lam_s, dt_s, in_bar, free_bar, ring, r
         plgpu.commit_smem()  # reads of the slot done before the next copy overwrites it
 
   def block(c, state):
-    # kernel body: one block as two row_tiles, each published, then advanced by two wgmmas.
+    # kernel body: one block as two halves, each published, then advanced by two wgmmas.
     slot = lax.rem(c, S)
     plgpu.barrier_wait(in_bar.at[slot])
     x_t, bt_t, lam_t, dt_t = x_s.at[slot], bt_s.at[slot], lam_s.at[slot], dt_s.at[slot]
@@ -140,7 +140,7 @@ def output_warpgroup(k, ops, *, x_s, c_s, bt_s, lam_s, dt_s, in_bar, free_bar, r
   d = d_ref[hi]
 
   def block(c, carry):
-    # kernel body: one block as two row_tiles of output rows, one y tile store each.
+    # kernel body: one block as two halves of output rows, one y tile store each.
     slot = lax.rem(c, S)
     plgpu.barrier_wait(in_bar.at[slot])
     x_t, c_t, bt_t = x_s.at[slot], c_s.at[slot], bt_s.at[slot]
