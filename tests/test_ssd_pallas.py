@@ -7,6 +7,8 @@ multiples of the block, an initial state, batch > 1, heads sharing a group. The 
 the backward cases (forward + backward kernels) are marked slow.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from nemojax import testing as T
 from nemojax.kernels import platform
 from nemojax.kernels.ssd import api, reference
+from nemojax.kernels.ssd import pallas_mosaic_gpu as fwd  # the forward kernel alone
 from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # the differentiable entry
 
 N = 128  # the kernel's state size (two warpgroups × 64 rows)
@@ -109,12 +112,14 @@ def test_backward_kernel_matches_reference_vjp(b, t, h, p, g):
   check_grads(g_kern, grads(ref32_vjp(args), args), args)
 
 
-@pytest.mark.parametrize("backward", ["blocks", "xla"])
-def test_backward_kernel_without_d_or_state(backward):
+@pytest.mark.parametrize("backward,roles", [("blocks", "rows"), ("xla", "rows"),
+                                            ("blocks", "state")])
+def test_backward_kernel_without_d_or_state(backward, roles):
   # D and the initial state absent: their cotangents are None, the others still match (both
-  # backward paths: the block-parallel kernels, the default, and the XLA reference's VJP).
+  # backward paths: the block-parallel kernels, the default, and the XLA reference's VJP; and
+  # the forward's roles="state" variant, whose emitted states feed the backward).
   args = inputs(5, b=1, t=64, h=1, p=64, g=1, with_state=False, with_d=False)
-  config = pmg.Config(backward=backward)
+  config = pmg.Config(backward=backward, roles=roles)
   g_kern = grads(lambda *a: pmg.ssd(*a, chunk_size=128, config=config, interpret=True), args)
   check_grads(g_kern, grads(ref32_vjp(args), args), args)
 
@@ -137,6 +142,79 @@ def test_supports_and_dispatch():
   assert impl == "xla"
   with pytest.raises(ValueError):
     pmg.Config(block_t=64)
+
+
+def entering_states(args, nc, block=128):
+  """Sᵀ entering each block [b, h, c, n, p] (fp32 naive reference on the prefixes)."""
+  x, dt, A, B, C, D, s0 = args
+  out = []
+  for c in range(nc):
+    if c == 0:
+      s = s0
+    else:
+      cut = slice(0, c * block)
+      _, s = reference.ssd_naive(x[:, cut], dt[:, cut], A, B[:, cut], C[:, cut], D, s0)
+    out.append(jnp.swapaxes(s, -1, -2))
+  return jnp.stack(out, axis=2)
+
+
+STATE_ROLES = fwd.Config(roles="state")
+
+
+def slow_decay(args, factor=1 / 16):
+  """`args` with A scaled down: states carry across halves and blocks, so that an error in the
+  state's path (the ring, its decays) shows in y, not only in the final state."""
+  return (args[0], args[1], args[2] * factor, *args[3:])
+
+
+def test_roles_state_head_dim_80_batch_odd_length_emits_states():
+  # The roles="state" variant (WG 0 the recurrence, WG 1 every output) with emit_states and
+  # fuse_waits: 150 steps (2 blocks, the second padded), batch 2, an initial state.
+  args = slow_decay(inputs(2, b=2, t=150, h=1, p=80, g=1, with_state=True))
+  config = pmg.Config(roles="state", fuse_waits=True)
+  kern = functools.partial(fwd.forward, config=config, interpret=True, emit_states=True)
+  y, s, states = jax.jit(kern)(*args)
+  check_against_references(args, y, s, 128)
+  assert states.shape == (2, 1, 2, N, 80) and states.dtype == jnp.bfloat16
+  close(states, entering_states(args, 2), "emitted states")
+
+
+def test_roles_state_head_dim_64_group_of_two_heads():
+  # 300 steps (3 blocks: both ring slots reused), two heads sharing a group, an initial state.
+  args = slow_decay(inputs(3, b=1, t=300, h=2, p=64, g=1, with_state=True))
+  y, s = jax.jit(lambda *a: pmg.ssd(*a, chunk_size=128, config=STATE_ROLES, interpret=True))(
+      *args)
+  check_against_references(args, y, s, 128)
+
+
+@pytest.mark.parametrize("p", [64, 80])
+@pytest.mark.parametrize("config", [pmg.Config(), STATE_ROLES,
+                                    pmg.Config(roles="state", fuse_waits=True)])
+def test_forward_lowers_for_cuda(p, config):
+  # Pallas -> Mosaic GPU lowering (wgmma operands, TMA slices, layouts) runs on the CPU when
+  # lowering for "cuda": a trace or layout error fails here rather than on the GPU.
+  b, t, h, g = 2, 300, 4, 2
+  S = jax.ShapeDtypeStruct
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  args = (S((b, t, h, p), bf16), S((b, t, h), f32), S((h,), f32), S((b, t, g, N), bf16),
+          S((b, t, g, N), bf16), S((h,), f32), S((b, h, p, N), f32))
+  for emit in (False, True):
+    fn = functools.partial(fwd.forward, config=config, interpret=False, emit_states=emit)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_config_roles():
+  assert pmg.Config().roles == "rows"
+  with pytest.raises(ValueError, match="Config.roles"):
+    pmg.Config(roles="cols")
+  with pytest.raises(ValueError, match="no_compute"):
+    pmg.Config(roles="state", probe="no_compute")
+  for p in (64, 80):  # ring + one y tile: 203 / 221 KB with two stages, under the limit
+    assert pmg.supports(head_dim=p, state_size=N, chunk_size=128, dtype=jnp.bfloat16,
+                        config=STATE_ROLES)
+  assert fwd.smem_bytes(64, N, STATE_ROLES) // 1024 == 203
+  assert fwd.smem_bytes(80, N, STATE_ROLES) // 1024 == 221
 
 
 def test_config_rejects_unknown_backward():
