@@ -150,8 +150,9 @@ def test_moe_experts_over_the_expert_axis():
   T.assert_close(np.asarray(sharded(ids)), want, "float32", "same", "logits")
 
 
-@pytest.mark.parametrize("name", ["moe", "latent"])
-@pytest.mark.parametrize("axes", [("tensor", "expert"), ("data", "tensor")])
+@pytest.mark.parametrize("name,axes", [("moe", ("tensor", "expert")),
+                                       ("latent", ("tensor", "expert")),
+                                       ("moe", ("data", "tensor"))])
 def test_experts_run_per_shard(name, axes):
   # Experts over 4 devices and their hidden width over 2 (or rows over 2 and the width over 4):
   # no expert weight moves between devices in the compiled forward (prefill, and one token,
