@@ -65,7 +65,9 @@ from nemojax.config import NemotronHConfig
 from nemojax.train import TrainConfig, Trainer
 
 HBM_BYTES_S, PEAK_FLOPS = 4.3e12, 790e12
-SMOKE_ROWS = ["dense-tp1", "moe-ep1", "dense-tp4", "moe-ep4", "train-fsdp8"]
+# The smoke run's rows (tensor parallelism of the dense model is also covered by the sharding
+# tests; the script's paths are the same for every row kind).
+SMOKE_ROWS = ["moe-ep1", "moe-ep4", "train-fsdp8"]
 MESH_AXIS = {"dense-tp": "tensor", "moe-ep": "expert", "train-fsdp": "fsdp"}
 PRESET = {"dense-tp": "nano_9b_v2", "moe-ep": "nemotron_3_nano_30b_a3b", "train-fsdp": "nano_9b_v2"}
 SMOKE_CONFIGS = {

@@ -151,8 +151,7 @@ def test_moe_experts_over_the_expert_axis():
 
 
 @pytest.mark.parametrize("name,axes", [("moe", ("tensor", "expert")),
-                                       ("latent", ("tensor", "expert")),
-                                       ("moe", ("data", "tensor"))])
+                                       ("latent", ("data", "tensor"))])
 def test_experts_run_per_shard(name, axes):
   # Experts over 4 devices and their hidden width over 2 (or rows over 2 and the width over 4):
   # no expert weight moves between devices in the compiled forward (prefill, and one token,
@@ -244,11 +243,9 @@ def test_benchmark_scripts_smoke(tmp_path):
   _script(["benchmarks/multi_gpu.py", "--smoke"], tmp_path)
   result = json.loads((tmp_path / "multi_gpu_smoke.json").read_text())
   checks = [r["check"] for r in result["table"] if r.get("check")]
-  assert {r["row"] for r in result["table"]} == {"dense-tp1", "dense-tp4", "moe-ep1", "moe-ep4",
-                                                 "train-fsdp8"}
-  assert len(checks) == 2 and all(c["logits_rel_err"] <= T.tolerance("float32", "same")
-                                  for c in checks)
-  decode = [r for r in result["table"] if r["row"] == "dense-tp4" and r["part"] == "decode b1"]
+  assert {r["row"] for r in result["table"]} == {"moe-ep1", "moe-ep4", "train-fsdp8"}
+  assert len(checks) == 1 and checks[0]["logits_rel_err"] <= T.tolerance("float32", "same")
+  decode = [r for r in result["table"] if r["row"] == "moe-ep4" and r["part"] == "decode b8"]
   assert decode[0]["same_tokens"]  # greedy tokens of the sharded model equal one device's
   _script(["benchmarks/sharding_memory.py", "--config", "tiny", "--parts", "prefill", "--devices",
            "2", "--chunk", "16", "--cache-len", "64"], tmp_path)

@@ -99,7 +99,8 @@ class Config:
     roles: how the two compute warpgroups share a block. "rows" (default): WG w owns output and
       state rows [64w, 64w+64). "state" (not yet run on hardware): WG 0 the state recurrence
       only, WG 1 every output row (`pallas_mosaic_gpu_roles`); the forward only, the backward's
-      adjoint walk (`reverse`) keeps "rows".
+      adjoint walk (`reverse`) keeps "rows". Lowers on jax 0.10/0.11; on 0.12 Mosaic GPU's
+      layout inference finds no solution for it (not yet resolved).
     probe: measurements only, wrong results: "no_bc_reload" loads C and Bᵀ only for the first
       stages (isolates their traffic), "no_compute" streams inputs and outputs without math.
   """
