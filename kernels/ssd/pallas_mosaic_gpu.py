@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -471,14 +470,16 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
 def _state_roles(wg, scratch, refs, k, ops, config):
   """The compute warpgroups of `roles="state"` (`pallas_mosaic_gpu_roles`)."""
   refs = {**refs, **scratch}
-  pick = lambda fn: {key: refs[key] for key in inspect.signature(fn).parameters if key in refs}
+  both = ("x_s", "bt_s", "lam_s", "dt_s", "in_bar", "free_bar", "ring", "ring_ready", "ring_free",
+          "exit_bar")
 
-  def run(fn):
+  def run(fn, *own):
     if not k["interpret"]:
       plgpu.set_max_registers(config.compute_registers, action="increase")
-    fn(k, ops, **pick(fn))
-  pl.when(wg == 0)(lambda: run(roles_state.state_warpgroup))
-  pl.when(wg == 1)(lambda: run(roles_state.output_warpgroup))
+    fn(k, ops, **{key: refs[key] for key in both + own})
+  pl.when(wg == 0)(lambda: run(roles_state.state_warpgroup, "init_bar", "init_ref", "fin_ref",
+                               "states_ref"))
+  pl.when(wg == 1)(lambda: run(roles_state.output_warpgroup, "c_s", "y_s", "d_ref", "y_ref"))
 
 
 # --------------------------------------------------------------------------------------------
