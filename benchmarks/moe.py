@@ -46,6 +46,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 
 import nemojax
@@ -65,7 +66,7 @@ T0 = time.perf_counter()
 
 
 def log(*a):
-  print(*a, flush=True)
+  print(f"[{elapsed():6.1f} s]", *a, flush=True)
 
 
 def elapsed():
@@ -164,19 +165,22 @@ def kernel_breakdown(x, ids, w, up, down, *, interpret, reps):
     return jnp.take(x, src, axis=0), dest, te
 
   xs, dest, te = jax.jit(layout)(x, ids)
-  gm = lambda a, wt, act, dt: kernel.grouped_matmul(a, wt, te, activation=act, out_dtype=dt,
-                                                    config=cfg, interpret=interpret)
-  up_fn = jax.jit(lambda a: gm(a, up, "relu2", jnp.bfloat16))
-  h = up_fn(xs)
+  # The weights and tile map are arguments: closed over, a jit embeds them as constants (1.3 GB
+  # of experts) and XLA's constant folding stalls the compile for minutes.
+  gm = lambda a, wt, te, act, dt: kernel.grouped_matmul(a, wt, te, activation=act, out_dtype=dt,
+                                                        config=cfg, interpret=interpret)
+  up_fn = jax.jit(lambda a, wt, te: gm(a, wt, te, "relu2", jnp.bfloat16))
+  h = up_fn(xs, up, te)
   h = h.T if cfg.transposed else h
-  down_fn = jax.jit(lambda a: gm(a, down, "none", jnp.dtype(cfg.down_dtype)))
-  ys = down_fn(h)
+  down_fn = jax.jit(lambda a, wt, te: gm(a, wt, te, "none", jnp.dtype(cfg.down_dtype)))
+  ys = down_fn(h, down, te)
 
   def combine(ys, dest, w):
     y = jnp.take(ys, dest, axis=1).T if cfg.transposed else jnp.take(ys, dest, axis=0)
     return jnp.einsum("mkd,mk->md", y.reshape(m, k, d), w, preferred_element_type=jnp.float32)
   return dict(layout_ms=time_fn(jax.jit(layout), x, ids, reps=reps),
-              up_ms=time_fn(up_fn, xs, reps=reps), down_ms=time_fn(down_fn, h, reps=reps),
+              up_ms=time_fn(up_fn, xs, up, te, reps=reps),
+              down_ms=time_fn(down_fn, h, down, te, reps=reps),
               combine_ms=time_fn(jax.jit(combine), ys, dest, w, reps=reps),
               config=str(cfg))
 
@@ -442,6 +446,7 @@ def build_model(args):
     cfg = model_config(args)
     t = time.perf_counter()
     model = T.random_model(cfg, jnp.bfloat16)
+    jax.block_until_ready(nnx.state(model))
     RESULTS["model"] = dict(build_s=time.perf_counter() - t, params=cfg.num_params(),
                             active=cfg.num_params(active=True))
     log("model", RESULTS["model"])

@@ -39,6 +39,8 @@ def test_every_notebook_has_a_tiny_switch_and_an_ipynb_twin(monkeypatch):
     assert twin.is_file(), f"{path.name}: no executed {twin.name} (jupytext --to ipynb --execute)"
     # The twins hold one GPU run's outputs and figures (the 9B shape): small, but not tiny.
     assert os.path.getsize(twin) < 500_000, f"{twin.name} is over 500 KB"
+    if "plt.show()" in text:  # a run with matplotlib's inline backend keeps its figures
+      assert '"image/png"' in twin.read_text(), f"{twin.name}: the source draws figures, none kept"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -102,7 +102,7 @@ def check_grads(g_kern, g_ref, args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("b,t,h,p,g", [(2, 150, 2, 64, 1), (1, 300, 4, 80, 2), (1, 200, 4, 64, 1)])
+@pytest.mark.parametrize("b,t,h,p,g", [(2, 150, 2, 64, 1), (1, 300, 4, 80, 1)])
 def test_backward_kernel_matches_reference_vjp(b, t, h, p, g):
   # Lengths not multiples of the 128-step block, batch 2, groups of 2 and 4 heads, an initial
   # state and a final-state cotangent: every input's gradient from the Pallas backward kernel
@@ -112,14 +112,12 @@ def test_backward_kernel_matches_reference_vjp(b, t, h, p, g):
   check_grads(g_kern, grads(ref32_vjp(args), args), args)
 
 
-@pytest.mark.parametrize("backward,roles", [("blocks", "rows"), ("xla", "rows"),
-                                            ("blocks", "state")])
-def test_backward_kernel_without_d_or_state(backward, roles):
+@pytest.mark.parametrize("backward", ["blocks", "xla"])
+def test_backward_kernel_without_d_or_state(backward):
   # D and the initial state absent: their cotangents are None, the others still match (both
-  # backward paths: the block-parallel kernels, the default, and the XLA reference's VJP; and
-  # the forward's roles="state" variant, whose emitted states feed the backward).
+  # backward paths: the block-parallel kernels, the default, and the XLA reference's VJP).
   args = inputs(5, b=1, t=64, h=1, p=64, g=1, with_state=False, with_d=False)
-  config = pmg.Config(backward=backward, roles=roles)
+  config = pmg.Config(backward=backward)
   g_kern = grads(lambda *a: pmg.ssd(*a, chunk_size=128, config=config, interpret=True), args)
   check_grads(g_kern, grads(ref32_vjp(args), args), args)
 
@@ -158,44 +156,24 @@ def entering_states(args, nc, block=128):
   return jnp.stack(out, axis=2)
 
 
-STATE_ROLES = fwd.Config(roles="state")
-
-
-def slow_decay(args, factor=1 / 16):
-  """`args` with A scaled down: states carry across halves and blocks, so that an error in the
-  state's path (the ring, its decays) shows in y, not only in the final state."""
-  return (args[0], args[1], args[2] * factor, *args[3:])
-
-
-def test_roles_state_head_dim_80_batch_odd_length_emits_states():
-  # The roles="state" variant (WG 0 the recurrence, WG 1 every output) with emit_states and
-  # fuse_waits: 150 steps (2 blocks, the second padded), batch 2, an initial state.
-  args = slow_decay(inputs(2, b=2, t=150, h=1, p=80, g=1, with_state=True))
-  config = pmg.Config(roles="state", fuse_waits=True)
-  kern = functools.partial(fwd.forward, config=config, interpret=True, emit_states=True)
+def test_emitted_states_are_the_states_entering_each_block():
+  # The forward's emit_states (what the block-parallel backward reads): head dim 80, batch 2,
+  # 150 steps (2 blocks, the second padded), an initial state, A scaled down so that the state
+  # carries across the block boundary.
+  x, dt, A, *rest = inputs(2, b=2, t=150, h=1, p=80, g=1, with_state=True)
+  args = (x, dt, A / 16, *rest)
+  kern = functools.partial(fwd.forward, config=pmg.Config(), interpret=True, emit_states=True)
   y, s, states = jax.jit(kern)(*args)
   check_against_references(args, y, s, 128)
   assert states.shape == (2, 1, 2, N, 80) and states.dtype == jnp.bfloat16
   close(states, entering_states(args, 2), "emitted states")
 
 
-def test_roles_state_head_dim_64_group_of_two_heads():
-  # 300 steps (3 blocks: both ring slots reused), two heads sharing a group, an initial state.
-  args = slow_decay(inputs(3, b=1, t=300, h=2, p=64, g=1, with_state=True))
-  y, s = jax.jit(lambda *a: pmg.ssd(*a, chunk_size=128, config=STATE_ROLES, interpret=True))(
-      *args)
-  check_against_references(args, y, s, 128)
-
-
 @pytest.mark.parametrize("p", [64, 80])
-@pytest.mark.parametrize("config", [pmg.Config(), STATE_ROLES,
-                                    pmg.Config(roles="state", fuse_waits=True)])
+@pytest.mark.parametrize("config", [pmg.Config(), pmg.Config(fuse_waits=True)])
 def test_forward_lowers_for_cuda(p, config):
   # Pallas -> Mosaic GPU lowering (wgmma operands, TMA slices, layouts) runs on the CPU when
   # lowering for "cuda": a trace or layout error fails here rather than on the GPU.
-  if config.roles == "state" and jax.__version_info__ >= (0, 12):
-    pytest.skip("roles='state' (opt-in, not yet run on hardware) lowers on jax 0.10/0.11 only: "
-                "on 0.12 Mosaic GPU's layout inference finds no solution for it")
   b, t, h, g = 2, 300, 4, 2
   S = jax.ShapeDtypeStruct
   bf16, f32 = jnp.bfloat16, jnp.float32
@@ -205,19 +183,6 @@ def test_forward_lowers_for_cuda(p, config):
     fn = functools.partial(fwd.forward, config=config, interpret=False, emit_states=emit)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-
-
-def test_config_roles():
-  assert pmg.Config().roles == "rows"
-  with pytest.raises(ValueError, match="Config.roles"):
-    pmg.Config(roles="cols")
-  with pytest.raises(ValueError, match="no_compute"):
-    pmg.Config(roles="state", probe="no_compute")
-  for p in (64, 80):  # ring + one y tile: 203 / 221 KB with two stages, under the limit
-    assert pmg.supports(head_dim=p, state_size=N, chunk_size=128, dtype=jnp.bfloat16,
-                        config=STATE_ROLES)
-  assert fwd.smem_bytes(64, N, STATE_ROLES) // 1024 == 203
-  assert fwd.smem_bytes(80, N, STATE_ROLES) // 1024 == 221
 
 
 def test_config_rejects_unknown_backward():

@@ -44,8 +44,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def analysis():
+def _analysis():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                         + " --xla_disable_hlo_passes=cse_barrier_expander").strip())
@@ -57,20 +56,19 @@ def analysis():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_remat_cuts_temporaries(analysis, kind):
-  # If all three match on a new jax, check first that XLA still names its CPU barrier pass
-  # cse_barrier_expander (an unknown name in the flag is ignored, and remat is then undone).
-  none, full, dots = (analysis[f"{kind}_{r}"]["temp"] for r in ("none", "full", "dots"))
-  # Measured (jax 0.10.2): full keeps ~1/4 of none's temporaries, dots about a third. Without
-  # working remat the three are within a few percent of each other.
-  assert full < 0.6 * none, analysis
-  assert dots < 0.8 * none, analysis
-  assert full <= dots * 1.05, analysis
-
-
-@pytest.mark.slow
-def test_state_is_donated(analysis):
+def test_remat_cuts_temporaries_and_state_is_donated():
+  # One test, one subprocess (six compiles, ~1 min): split into several tests, each pytest-xdist
+  # worker that ran one of them would compile all six again.
+  analysis = _analysis()
+  for kind in ("full", "lora"):
+    # If all three match on a new jax, check first that XLA still names its CPU barrier pass
+    # cse_barrier_expander (an unknown name in the flag is ignored, and remat is then undone).
+    none, full, dots = (analysis[f"{kind}_{r}"]["temp"] for r in ("none", "full", "dots"))
+    # Measured (jax 0.10.2): full keeps ~1/4 of none's temporaries, dots about a third. Without
+    # working remat the three are within a few percent of each other.
+    assert full < 0.6 * none, (kind, analysis)
+    assert dots < 0.8 * none, (kind, analysis)
+    assert full <= dots * 1.05, (kind, analysis)
   # Full fine-tune: the whole train state (float32 master weights, two float32 moments) is
   # donated, so the new state reuses its buffers. LoRA: only the adapters' state is; the frozen
   # base weights are arguments that stay.

@@ -30,8 +30,10 @@ rows (`per_pair`) each pair gets its own tile without sorting (`pair_layout`): t
 small XLA kernels would cost more than the expert reads they organise. A transposed form
 (`Config.transposed`: the weights as the wgmma's M side, 16 token rows as its N side, giving
 outᵀ) cuts a one-token tile's padding from 64 rows of tensor-core and shared-memory work to 16;
-on the H200 it was nevertheless slower at one token than plain 64 × 64 tiles, which
-`default_config` therefore picks while P is small; 128 × 128 tiles for prefill.
+on the H200 it is no faster at one token than plain 64 × 64 tiles, but at 64 tokens (384 pairs,
+~3 per touched expert) it takes 0.79 ms against their 1.16 ms. `default_config` therefore picks
+64 × 64 tiles below one pair per expert, the transposed 16 × 64 form up to 8 pairs per expert,
+and 128 × 128 tiles for prefill.
 
 Requirements (`supports`): bf16, d and f multiples of 64 (TMA/swizzle width), at least `tile_n`.
 
@@ -43,8 +45,9 @@ Status (2026-12-01, H200, jax 0.11.2): compiled and checked against the ragged_d
 1, 64 and 1024 rows (decode, 64x64 and prefill, warp-specialised configs; tests marked gpu in
 tests/test_moe_pallas.py), so the dispatcher picks it (`HARDWARE_VERIFIED`). Timed at one token
 (Nano 30B-A3B experts, 128 x [1856, 2688], top-6; benchmarks/moe.py): 64 x 64 tiles, 6 stages
-0.047 ms = 59% of the 0.028 ms byte roofline (transposed 16 x 64: 0.056 ms, 16 x 128: 0.067 ms;
-XLA gather 0.095 ms, ragged_dot 1.95 ms); not yet timed at 64 and 8192 tokens.
+0.046-0.047 ms = 59-61% of the 0.028 ms byte roofline (transposed 16 x 64: 0.048-0.056 ms;
+XLA gather 0.095 ms, ragged_dot 1.95 ms). At 64 tokens (roofline 0.576 ms): transposed 16 x 64 x 8
+0.786 ms = 73%, 16 x 128 x 4 0.783 ms, 64 x 64 x 6 1.16 ms = 50%. Not yet timed at 8192 tokens.
 """
 
 from __future__ import annotations
@@ -108,9 +111,11 @@ class Config:
                        f"{self.down_dtype!r}")
 
 
-# Decode: 64 x 64 tiles measured fastest at one token (module docstring), ahead of the
-# transposed 16-row form the padding argument above favours.
+# Decode, fewer pairs than experts: 64 x 64 tiles (0.046 ms at one token on the H200, the
+# transposed 16-row form 0.048 ms). A few pairs per expert (batched decode, short prefill):
+# the transposed 16-row form, 0.79 ms at 64 tokens against 1.16 ms for 64 x 64 (module docstring).
 DECODE_CONFIG = Config(tile_m=64, tile_n=64, num_stages=6)
+SMALL_BATCH_CONFIG = Config(tile_m=16, tile_n=64, num_stages=8, transposed=True)
 # Prefill keeps the per-pair down outputs in bf16 (as a bf16 torch model's experts return them):
 # at 8192 tokens their fp32 round trip through HBM would add ~0.25 ms to a ~1.3 ms product.
 PREFILL_CONFIG = Config(tile_m=128, tile_n=128, num_stages=4, down_dtype="bfloat16")
@@ -118,7 +123,9 @@ PREFILL_CONFIG = Config(tile_m=128, tile_n=128, num_stages=4, down_dtype="bfloat
 
 def default_config(num_pairs: int, num_experts: int) -> Config:
   """Small tiles while the pairs are few (decode: bytes of the chosen experts), else large."""
-  return DECODE_CONFIG if num_pairs < 8 * num_experts else PREFILL_CONFIG
+  if num_pairs < num_experts:
+    return DECODE_CONFIG
+  return SMALL_BATCH_CONFIG if num_pairs < 8 * num_experts else PREFILL_CONFIG
 
 
 def smem_bytes(config: Config, out_itemsize: int = 4) -> int:

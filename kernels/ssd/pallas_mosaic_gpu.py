@@ -22,8 +22,7 @@ CB∘L, so x is never read into registers.
 
 One CTA per (head, batch) walks all blocks of its sequence, so inter-block states never leave the
 chip. Three warpgroups: WG 0 and 1 compute (WG w owns output rows [64w, 64w+64) of each block and
-state rows n ∈ [64w, 64w+64); `Config.roles="state"`, not yet run on hardware, splits them by
-role instead: `pallas_mosaic_gpu_roles`); WG 2 streams the inputs with TMA, `num_stages` blocks
+state rows n ∈ [64w, 64w+64)); WG 2 streams the inputs with TMA, `num_stages` blocks
 ahead. The wrapper (plain XLA, ~5 KB per token of extra traffic against ~46 KB the kernel moves)
 pads the sequence to whole blocks with dt = 0 steps (no decay, no input: the final state stays
 exact), computes the block-local cumsum Λ and transposes dt, Λ and B so that they arrive as rows.
@@ -65,7 +64,6 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from nemojax.kernels import platform
 from nemojax.kernels.segments import document_index
-from nemojax.kernels.ssd import pallas_mosaic_gpu_roles as roles_state
 from nemojax.kernels.ssd import reference
 
 f32 = jnp.float32
@@ -95,11 +93,6 @@ class Config:
       block: C·Sᵀ with the C·Bᵀ tiles; then the state and (CB∘L)·X products) instead of one
       wait per product.
     backward: "blocks" or "xla": the backward pass (module docstring, Training).
-    roles: how the two compute warpgroups share a block. "rows" (default): WG w owns output and
-      state rows [64w, 64w+64). "state" (not yet run on hardware): WG 0 the state recurrence
-      only, WG 1 every output row (`pallas_mosaic_gpu_roles`); the forward only, the backward's
-      adjoint walk (`reverse`) keeps "rows". Lowers on jax 0.10/0.11; on 0.12 Mosaic GPU's
-      layout inference finds no solution for it (not yet resolved).
     probe: measurements only, wrong results: "no_bc_reload" loads C and Bᵀ only for the first
       stages (isolates their traffic), "no_compute" streams inputs and outputs without math.
   """
@@ -111,7 +104,6 @@ class Config:
   fuse_waits: bool = False
   probe: str = ""
   backward: str = "blocks"
-  roles: str = "rows"
 
   def __post_init__(self):
     if self.block_t != _ROWS * _COMPUTE_WGS:
@@ -120,10 +112,6 @@ class Config:
       raise ValueError(f"Config.num_stages must be >= 1, got {self.num_stages}")
     if self.backward not in ("blocks", "xla"):
       raise ValueError(f"Config.backward must be 'blocks' or 'xla', got {self.backward!r}")
-    if self.roles not in ("rows", "state"):
-      raise ValueError(f"Config.roles must be 'rows' or 'state', got {self.roles!r}")
-    if self.roles == "state" and self.probe == "no_compute":
-      raise ValueError("Config.probe='no_compute' exists only with roles='rows'")
 
 
 DEFAULT_CONFIG = Config()
@@ -141,8 +129,6 @@ def smem_bytes(head_dim: int, state_size: int = 128, config: Config = DEFAULT_CO
   """Shared memory one CTA needs, for `supports` (bf16 inputs)."""
   t, p, n = config.block_t, head_dim, state_size
   stage = 2 * (t * p + 2 * t * n) + 4 * 2 * t  # x, C, Bᵀ in bf16; Λ, dt in fp32
-  if config.roles == "state":  # + the ring of Sᵀ tiles, one y tile, barriers
-    return config.num_stages * stage + roles_state.smem_extra(p, n) + 1024
   return config.num_stages * stage + 2 * n * p + 2 * t * p + 1024  # + Sᵀ, y tiles, barriers
 
 
@@ -236,7 +222,6 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
     tr = (plgpu.TilingTransform((8, sw // jnp.dtype(dt).itemsize)), plgpu.SwizzleTransform(sw))
     return plgpu.SMEM(shape, dt, transforms=tr)
 
-  state_roles = config.roles == "state" and not reverse  # the adjoint walk keeps "rows"
   scratch = dict(
       x_s=smem((S, T, p), dtype, p),        # [stage, l, p]
       c_s=smem((S, T, n), dtype, n),        # [stage, l, n]
@@ -245,23 +230,19 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       dt_s=plgpu.SMEM((S, T), f32),         # dt [stage, s]
       in_bar=plgpu.Barrier(num_arrivals=5, num_barriers=S),
       free_bar=plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=S),
+      st_s=smem((n, p), dtype, p),          # Sᵀ entering the block, bf16 for the C·Sᵀ product
+      y_s=smem((_COMPUTE_WGS, _ROWS, p), dtype, p),
+      st_ready=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+      st_read=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+      init_bar=plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
   )
-  if state_roles:
-    scratch.update(roles_state.scratch(smem, n=n, p=p, dtype=dtype))
-  else:
-    scratch.update(
-        st_s=smem((n, p), dtype, p),        # Sᵀ entering the block, bf16 for the C·Sᵀ product
-        y_s=smem((_COMPUTE_WGS, _ROWS, p), dtype, p),
-        st_ready=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-        st_read=plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-        init_bar=plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
-    )
 
   def blk(c):  # the block handled at step c
     return nc - 1 - c if reverse else c
 
   def body(x_ref, bt_ref, c_ref, lam_ref, dt_ref, d_ref, init_ref, y_ref, fin_ref, states_ref, *,
-           x_s, c_s, bt_s, lam_s, dt_s, in_bar, free_bar, **rest):
+           x_s, c_s, bt_s, lam_s, dt_s, in_bar, free_bar, st_s, y_s, st_ready, st_read,
+           init_bar):
     hi = lax.axis_index("h")
     bi = lax.axis_index("b")
     gi = lax.div(hi, jnp.int32(r))
@@ -298,17 +279,6 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       for c in range(max(nc, S), nc + S):
         plgpu.barrier_wait(free_bar.at[c % S])
 
-    if state_roles:
-      _state_roles(wg, rest, dict(x_s=x_s, c_s=c_s, bt_s=bt_s, lam_s=lam_s, dt_s=dt_s,
-                                  in_bar=in_bar, free_bar=free_bar, init_ref=init_ref,
-                                  y_ref=y_ref, fin_ref=fin_ref, states_ref=states_ref,
-                                  d_ref=d_ref),
-                   dict(bi=bi, hi=hi, nc=nc, S=S, T=T, n=n, p=p, dtype=dtype, has_init=has_init,
-                        interpret=interpret, fuse_waits=config.fuse_waits),
-                   ops, config)
-      return
-    st_s, y_s, st_ready, st_read, init_bar = (rest[key] for key in (
-        "st_s", "y_s", "st_ready", "st_read", "init_bar"))
 
     def compute(w: int):
       """Warpgroup `w`: output rows [64w, 64w+64) of each block, state rows [64w, 64w+64)."""
@@ -465,21 +435,6 @@ def _build_kernel(*, b, t, h, p, g, n, dtype, has_init, config: Config, interpre
       compiler_params=compiler_params,
       interpret=interp,
   )
-
-
-def _state_roles(wg, scratch, refs, k, ops, config):
-  """The compute warpgroups of `roles="state"` (`pallas_mosaic_gpu_roles`)."""
-  refs = {**refs, **scratch}
-  both = ("x_s", "bt_s", "lam_s", "dt_s", "in_bar", "free_bar", "ring", "ring_ready", "ring_free",
-          "exit_bar")
-
-  def run(fn, *own):
-    if not k["interpret"]:
-      plgpu.set_max_registers(config.compute_registers, action="increase")
-    fn(k, ops, **{key: refs[key] for key in both + own})
-  pl.when(wg == 0)(lambda: run(roles_state.state_warpgroup, "init_bar", "init_ref", "fin_ref",
-                               "states_ref"))
-  pl.when(wg == 1)(lambda: run(roles_state.output_warpgroup, "c_s", "y_s", "d_ref", "y_ref"))
 
 
 # --------------------------------------------------------------------------------------------
