@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -28,13 +27,8 @@ def converted(tmp_path_factory):
   return out
 
 
-# One persistent compilation cache for this worker's command runs: each subprocess would otherwise
-# compile the same tiny model's programs again (the cache's own behaviour: test_compilation.py).
-_CACHE = tempfile.mkdtemp(prefix="nemojax-cli-test-cache-")
-
-
 def _run(args, stdin=None, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", NEMOJAX_COMPILATION_CACHE=_CACHE)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "nemojax", *args], input=stdin, text=True,
                         capture_output=True, timeout=timeout, env=env)
 
