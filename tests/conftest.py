@@ -17,18 +17,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
 # nemojax turns JAX's persistent compilation cache on when imported (a directory in the user's
-# home); tests must not write there. They share one temporary directory instead, made by the
-# first process (pytest-xdist's workers and every subprocess inherit the variable): the suite's
-# tiny models compile the same programs in many tests and processes, each compiled once.
-# NEMOJAX_COMPILATION_CACHE=off runs every test cold.
-if "NEMOJAX_COMPILATION_CACHE" not in os.environ:
-  import atexit
-  import shutil
-  import tempfile
-
-  _cache = tempfile.mkdtemp(prefix="nemojax-test-cache-")
-  os.environ["NEMOJAX_COMPILATION_CACHE"] = _cache
-  atexit.register(shutil.rmtree, _cache, True)
+# home); tests must not write there. A test that needs the cache points it at a tmp directory.
+os.environ.setdefault("NEMOJAX_COMPILATION_CACHE", "off")
 
 import pytest
 
