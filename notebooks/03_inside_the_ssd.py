@@ -233,6 +233,8 @@ if plt is not None:
     ax.loglog(lengths, 1e3 * np.array(results[impl]), "o-", label=impl)
   ax.set(xlabel="sequence length (tokens)", ylabel="time per call (ms)",
          title=f"SSD scan, one layer, bf16, {jax.default_backend()}")
+  ax.set_xticks(lengths, [f"{t:,}" for t in lengths])  # the measured lengths only
+  ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
   ax.legend()
   plt.show()
 

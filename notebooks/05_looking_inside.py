@@ -226,7 +226,7 @@ if plt is not None:
     w, n = pooled(w)
     im = ax.imshow(np.log10(w + 1e-6), cmap="magma", vmin=-4, vmax=0, extent=(0, n, n, 0))
     fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set(title=f"attention layer {i}: log10 weight, head mean", xlabel="key position (token)",
-           ylabel="query position (token)")
+    ax.set(title=f"layer {i}", xlabel="key position (token)", ylabel="query position (token)")
+  fig.suptitle("attention weight (log10, mean over heads)")
   fig.tight_layout()
   plt.show()
