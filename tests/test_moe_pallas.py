@@ -104,7 +104,9 @@ def test_default_config_by_size():
   assert kernel.default_config(6, 128) == kernel.DECODE_CONFIG
   assert kernel.default_config(127, 128) == kernel.DECODE_CONFIG
   assert kernel.default_config(384, 128) == kernel.SMALL_BATCH_CONFIG
-  assert kernel.default_config(49152, 128) == kernel.PREFILL_CONFIG
+  assert kernel.default_config(6144, 128) == kernel.PREFILL_CONFIG
+  assert kernel.default_config(49152, 128) == kernel.LARGE_PREFILL_CONFIG
+  assert kernel.default_config(49152, 128, width=192) == kernel.PREFILL_CONFIG  # < 256 wide
   assert kernel.supports(d=2688, f=1856, dtype=bf16)
   assert not kernel.supports(d=2688, f=1856, dtype=jnp.float32)
   assert not kernel.supports(d=2688, f=1850, dtype=bf16)
@@ -154,7 +156,7 @@ def test_unsupported_shapes_error_in_one_line():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,config", [
     (1, None), (64, None), (1024, None), (64, kernel.Config(64, 64, 4)), (24, None),
-    (1024, kernel.Config(128, 256, 3, warp_specialized=True))])
+    (1024, kernel.Config(128, 256, 3, warp_specialized=True)), (6000, None)])
 def test_compiled_kernel_matches_ragged_dot_on_hopper(m, config):
   e, k, d, f = NANO["e"], NANO["k"], NANO["d"], NANO["f"]
   rng = np.random.default_rng(m)

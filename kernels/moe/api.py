@@ -60,7 +60,7 @@ def _pallas_usable(num_rows, top_k, num_experts, d, f, dtype) -> bool:
   mod = platform.kernel_module(_KERNEL)  # None, with one warning, if it fails on this JAX
   if mod is None or not mod.HARDWARE_VERIFIED:
     return False
-  config = mod.default_config(num_rows * top_k, num_experts)
+  config = mod.default_config(num_rows * top_k, num_experts, min(d, f))
   return (mod.supports(d=d, f=f, dtype=dtype, config=config)
           and _kernel_traces(mod, num_rows, top_k, num_experts, d, f, jnp.dtype(dtype)))
 
