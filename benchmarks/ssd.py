@@ -286,7 +286,8 @@ def main():
         print(json.dumps(row), flush=True)
         _save(args, rows)  # after every shape, so that a run cut short still leaves its numbers
   if args.step or args.step_only:
-    rows.extend(bench_step(impls, torch, jsync))
+    rows.extend(bench_step(impls, torch, jsync, reps=4 if args.smoke else 100,
+                           batches=(1, 4) if args.smoke else (1, 64)))
   _save(args, rows)
   print_table(rows)
 
@@ -312,7 +313,7 @@ def _save(args, rows):
       json.dump(rows, fh, indent=1)
 
 
-def bench_step(impls, torch, jsync, reps=100):
+def bench_step(impls, torch, jsync, reps=100, batches=(1, 64)):
   """Decode-step state update (one token): XLA vs mamba_ssm `selective_state_update`.
 
   Device time per update: `reps` updates back to back inside one jitted `fori_loop` (ours, the
@@ -322,7 +323,7 @@ def bench_step(impls, torch, jsync, reps=100):
   from nemojax.kernels.ssd import reference
   out = []
   for p in (80, 64):
-    for bsz in (1, 64):
+    for bsz in batches:
       ks = jax.random.split(jax.random.key(bsz + p), 8)
       state = jax.random.normal(ks[0], (bsz, H, p, N), jnp.float32)
       x = jax.random.normal(ks[1], (bsz, H, p), jnp.bfloat16)

@@ -24,6 +24,10 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
+  # The `slow` tests first (stable order otherwise): pytest-xdist hands tests out in this order,
+  # so the long ones start early and the run does not end with one worker on a 70 s test while
+  # the other idles.
+  items.sort(key=lambda item: "slow" not in item.keywords)
   # `gpu` tests compile the Mosaic GPU kernels, which need Hopper or newer: on a CPU or an older
   # GPU they skip, never fail.
   from nemojax.kernels import platform

@@ -16,8 +16,8 @@ from nemojax import testing as T
 
 def _model(ssd_implementation):
   cfg = nemojax.NemotronHConfig.tiny(
-      hybrid_override_pattern="M-", mamba_num_heads=4, mamba_head_dim=64, ssm_state_size=128,
-      n_groups=2, chunk_size=128)
+      hybrid_override_pattern="M-", mamba_num_heads=2, mamba_head_dim=64, ssm_state_size=128,
+      n_groups=1, chunk_size=128)
   return nemojax.NemotronH(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(3),
                            ssd_implementation=ssd_implementation)
 

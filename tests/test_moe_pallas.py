@@ -172,13 +172,14 @@ def test_benchmark_script_smoke(tmp_path):
   root = Path(__file__).resolve().parents[1]
   proc = subprocess.run(
       [sys.executable, "benchmarks/moe.py", "--smoke", "--parts", "ffn,decode", "--tokens", "4",
-       "--batches", "1", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+       "--batches", "1", "--model-impls", "xla", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "ERROR" not in proc.stdout, proc.stdout[-3000:]
   res = json.loads((tmp_path / "moe.json").read_text())
   assert res["ffn"]["m4"]["pallas"]["ok"] and res["ffn"]["m4"]["gather"]["ok"]
-  assert res["decode"]["xla_b1_ctx32"]["finite"] and res["decode"]["pallas_b1_ctx32"]["finite"]
+  # The decode part's kernel path is the model's (test_model_with_kernel_matches_xla).
+  assert res["decode"]["xla_b1_ctx32"]["finite"]
 
 
 def test_model_with_kernel_matches_xla():

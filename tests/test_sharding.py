@@ -156,7 +156,7 @@ def test_experts_run_per_shard(name, axes):
   # Experts over 4 devices and their hidden width over 2 (or rows over 2 and the width over 4):
   # no expert weight moves between devices in the compiled forward (prefill, and one token,
   # where the experts' weights are gathered), and logits and greedy decode tokens equal the
-  # unsharded model's.
+  # unsharded model's (greedy decode of the plain MoE: test_benchmark_scripts_smoke's moe-ep4).
   config = T.MOE_CONFIGS[name]
   ids = _ids(config.vocab_size, (4, 9), seed=7)
   model = NemotronH(config, dtype=jnp.float32, rngs=nnx.Rngs(2))
@@ -175,8 +175,9 @@ def test_experts_run_per_shard(name, axes):
     moved = [o for o in outputs if f",{f},{width}]" in o or f",{width},{f}]" in o]
     assert not moved, f"expert weights move between devices: {moved}"
   T.assert_close(np.asarray(sharded(ids)), want, "float32", "same", "logits")
-  greedy = lambda m: [r.tokens for r in Sampler(m)(PROMPTS, max_new_tokens=5)]
-  assert greedy(sharded) == greedy(model)
+  if name == "latent":  # the plain MoE's greedy decode over 4 expert shards: the smoke run below
+    greedy = lambda m: [r.tokens for r in Sampler(m)(PROMPTS, max_new_tokens=5)]
+    assert greedy(sharded) == greedy(model)
 
 
 def test_lora_model_shards_like_its_base(tensor_parallel):
@@ -240,7 +241,7 @@ def _script(args, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_scripts_smoke(tmp_path):
-  _script(["benchmarks/multi_gpu.py", "--smoke"], tmp_path)
+  _script(["benchmarks/multi_gpu.py", "--smoke", "--repeats", "1", "--steps", "2"], tmp_path)
   result = json.loads((tmp_path / "multi_gpu_smoke.json").read_text())
   checks = [r["check"] for r in result["table"] if r.get("check")]
   assert {r["row"] for r in result["table"]} == {"moe-ep1", "moe-ep4", "train-fsdp8"}
