@@ -93,9 +93,9 @@ def time_fn(fn, *args, min_batch_ms=20.0, reps=7):
 
 def time_in_graph(fn, x, *rest, calls=32, reps=7):
   """Median ms per call of fn(x, *rest) called `calls` times back to back in one jitted
-  program, as a decode step calls it: Python's dispatch per call (~20-40 µs on the H200 machine)
-  would otherwise dwarf a 20 µs kernel. The loop is unrolled (a rolled `while` costs ~12 µs per
-  trip on the H200, measured 2026-12-01). Each call's input is nudged by the previous output
+  program, as a decode step calls it: Python's dispatch per call (~20-45 µs on the H200 machine)
+  would otherwise dwarf a 20 µs kernel. The loop is unrolled (a rolled loop of the nudge alone
+  took 12 µs per trip on the H200, 2026-12-01). Each call's input is nudged by the previous output
   (+1e-30·sum, value unchanged), so XLA can neither hoist nor merge the calls; the nudge (a
   reduction and an add, a few µs) is included."""
   def many(x, *rest):

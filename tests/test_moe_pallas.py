@@ -172,8 +172,8 @@ def test_benchmark_script_smoke(tmp_path):
   root = Path(__file__).resolve().parents[1]
   proc = subprocess.run(
       [sys.executable, "benchmarks/moe.py", "--smoke", "--parts", "ffn,decode", "--tokens", "4",
-       "--batches", "1", "--model-impls", "xla", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+       "--batches", "1", "--model-impls", "xla", "--out", str(tmp_path)], cwd=root,
+      capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "ERROR" not in proc.stdout, proc.stdout[-3000:]
   res = json.loads((tmp_path / "moe.json").read_text())
