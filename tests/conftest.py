@@ -10,11 +10,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
 
-# And without most of XLA's HLO optimisation passes (fusion and the like): ~10% less time for the
-# suite, every test passing either way (2026-12-01). What a test asserts about the compiled
-# program (memory analysis, collectives, remat) holds with or without them.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-
 # Eight fake CPU devices, so that tests/test_sharding.py can build meshes. Other tests are not
 # affected: arrays still go to the first device unless a test places them on a mesh.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
