@@ -171,7 +171,7 @@ def kernel_breakdown(x, ids, w, up, down, *, interpret, reps):
   GEMMs alone, and the final gather + weighted sum (ms each, separately jitted)."""
   m, k = ids.shape
   e, f, d = up.shape
-  cfg = kernel.default_config(m * k, e)
+  cfg = kernel.default_config(m * k, e, min(d, f))  # as moe_ffn chooses
 
   def layout(x, ids):
     if kernel.per_pair(m, k, e):
