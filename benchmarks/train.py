@@ -10,8 +10,9 @@ float32 moments (the precision comparison).
 
 Each case runs in its own process, so that its peak device memory is its own: model init, the
 first step (its wall time less one step's is the compile time), `--warmup` more steps, then the
-median of `--steps` timed steps. Reported: seconds per step, tokens/s, MFU and peak memory
-(`peak_bytes_in_use`); an out-of-memory is a result row.
+median of `--steps` timed steps (`--profile`: then one more step under jax.profiler, summarised
+by `profiling.summarize_trace`: GPU time by kernel and by JAX operation path). Reported: seconds
+per step, tokens/s, MFU and peak memory (`peak_bytes_in_use`); an out-of-memory is a result row.
 
 MFU counts 6·N FLOPs per token for a full fine-tune and 4·N for LoRA (forward 2N, backward to the
 activations 2N; the frozen weights get no gradient), N = the parameters that multiply activations
@@ -36,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +55,7 @@ from nemojax import testing as T
 from nemojax.lora import LORA_PARAM, apply_lora
 from nemojax.model import NemotronH
 from nemojax.train import TrainConfig, Trainer
+from profiling import summarize_trace
 
 PEAK_FLOPS = 790e12
 SLICE_PATTERN = "M-M-M-MM-M-M-M*"
@@ -87,6 +90,11 @@ CASES: dict[str, Case] = {
     # in the XLA attention's backward (see RESULTS.md); dots recomputes no matmul.
     "9b_lora16_b4_accum4_full": Case("nano9b", 4, dict(remat="full", grad_accum_steps=4), 16),
     "slice_mixed_b8_dots": Case("slice", 8, dict(remat="dots")),
+    # Remat that keeps the first product of the MLP (and Mamba) blocks: no matmul recomputed.
+    "slice_mixed_b8_mlp": Case("slice", 8, dict(remat="mlp")),
+    "slice_mixed_b8_mlp_mamba": Case("slice", 8, dict(remat="mlp_mamba")),
+    "9b_lora16_b4_mlp": Case("nano9b", 4, dict(remat="mlp"), 16),
+    "9b_lora16_b4_mlp_mamba": Case("nano9b", 4, dict(remat="mlp_mamba"), 16),
     "slice_bf16_b1": Case("slice", 1, BASELINE),
     "slice_mixed_b1": Case("slice", 1, {}),
     "slice_mixed_b4_full": Case("slice", 4, dict(remat="full")),
@@ -192,6 +200,16 @@ def run_case(name: str, args) -> dict:
     times.append(time.perf_counter() - t0)
     losses.append(loss)
   s = statistics.median(times)
+  profile = None
+  if args.profile:  # one more step under jax.profiler: where the GPU time goes
+    trace_dir = os.path.join(args.out, f"trace_{name}")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      state, _ = step(state)
+      wall = time.perf_counter() - t0
+    profile = summarize_trace(trace_dir, wall, top=30, top_ops=40)
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    log(json.dumps(profile, indent=1))
   tokens = case.batch * args.seq
   flops_per_token = (4 if case.rank is not None else 6) * matmul_params
   trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -203,6 +221,7 @@ def run_case(name: str, args) -> dict:
       "compile_s": max(first - s, 0.0), "first_step_s": first,
       "peak_gib": peak_bytes() / 2**30, "loss_first": first_loss, "loss_last": losses[-1],
       "finite": bool(np.isfinite(losses).all()),
+      **({"profile": profile} if profile else {}),
   }
 
 
@@ -212,6 +231,7 @@ def run_isolated(name: str, args) -> dict:
          str(args.steps), "--warmup", str(args.warmup)]
   cmd += ["--config", args.config] if args.config else []
   cmd += ["--estimate"] if args.estimate else []
+  cmd += ["--profile", "--out", args.out] if args.profile else []
   env = dict(os.environ)
   if args.estimate:
     env["JAX_PLATFORMS"] = "cpu"
@@ -260,6 +280,8 @@ def main():
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
   p.add_argument("--estimate", action="store_true",
                  help="no device: compile each step on the CPU and report XLA's memory analysis")
+  p.add_argument("--profile", action="store_true",
+                 help="trace one more step with jax.profiler and report where the GPU time goes")
   p.add_argument("--case-timeout", type=int, default=600, help="seconds per case process")
   p.add_argument("--out", default="benchmarks/out", help="directory for the JSON")
   p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process

@@ -25,21 +25,31 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.cache
-def mosaic_gpu_available() -> bool:
-  """True on an NVIDIA GPU of compute capability 9.0 or newer (Hopper, Blackwell)."""
+def _cuda_major() -> int:
+  """The default device's CUDA compute capability major version; 0 if it is no NVIDIA GPU."""
   try:
     dev = jax.devices()[0]
   except RuntimeError:
-    return False
+    return 0
   if dev.platform != "gpu":
-    return False
-  cc = getattr(dev, "compute_capability", None)
+    return 0
+  cc = getattr(dev, "compute_capability", None)  # absent on ROCm devices
   try:
-    major = int(str(cc).split(".")[0])
+    return int(str(cc).split(".")[0])
   except (TypeError, ValueError):
-    return False
-  return major >= 9
+    return 0
+
+
+@functools.cache
+def mosaic_gpu_available() -> bool:
+  """True on an NVIDIA GPU of compute capability 9.0 or newer (Hopper, Blackwell)."""
+  return _cuda_major() >= 9
+
+
+@functools.cache
+def cuda_gpu_available() -> bool:
+  """True on an NVIDIA GPU of compute capability 8.0 or newer (cuDNN's flash attention)."""
+  return _cuda_major() >= 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,7 +65,7 @@ def disable(name: str, error: BaseException) -> None:
     return
   _DISABLED[name] = f"{type(error).__name__}: {error}"
   warnings.warn(
-      f"nemojax: the Pallas kernel {name} cannot be built with jax {jax.__version__} "
+      f"nemojax: the kernel {name} cannot be built with jax {jax.__version__} "
       f"({_DISABLED[name]}); using the XLA implementation instead", RuntimeWarning, stacklevel=3)
 
 

@@ -49,10 +49,11 @@ class Attention(nnx.Module):
     self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype=dtype, rngs=rngs,
                          init_std=scaled_out_std(std, c.num_hidden_layers))
 
-  def __call__(self, u: jax.Array, *, start: jax.Array, pos: jax.Array | int = 0,
+  def __call__(self, u: jax.Array, *, start: jax.Array | None, pos: jax.Array | int = 0,
                state: KVState | None = None,
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVState | None]:
-    """u [b, t, D] at cache indices pos..pos+t−1; start [b] first real index per row;
+    """u [b, t, D] at cache indices pos..pos+t−1; start [b] first real index per row (None: no
+    padding, a full forward only);
     segment_ids [b, t] (full forward only): packed documents, each attends only its own keys.
 
     With `state`, the new keys/values are written into the cache at `pos` and the queries attend

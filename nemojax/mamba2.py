@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from nemojax import sharding
 from nemojax.cache import MambaState
@@ -129,7 +130,8 @@ class Mamba2Mixer(nnx.Module):
     b, t, _ = u.shape
     h, g, n = self.num_heads, self.n_groups, self.state_size
     dtype = u.dtype
-    zxbcdt = self.in_proj(u, out_dtype=f32)  # [b, t, I + conv_dim + h]
+    # [b, t, I + conv_dim + h]; named for TrainConfig(remat="mlp_mamba"), which keeps it.
+    zxbcdt = checkpoint_name(self.in_proj(u, out_dtype=f32), "mamba_in_proj")
     z = zxbcdt[..., :self.d_inner]
     xbc = zxbcdt[..., self.d_inner:self.d_inner + self.conv_dim].astype(dtype)
     dt_raw = zxbcdt[..., self.d_inner + self.conv_dim:]

@@ -114,6 +114,9 @@ class NemotronH(nnx.Module):
         raise ValueError(f"segment_ids must be [batch, time] = {(b, t)} without a cache, got "
                          f"shape {segment_ids.shape}"
                          + (" with a cache" if cache is not None else ""))
+    # Without a cache or `start` no row is padded: the blocks then skip every padding mask, and
+    # attention may run cuDNN (`start=None` below).
+    any_pad = cache is not None or start is not None
     if cache is not None:
       if cache.batch_size != b:
         raise ValueError(f"input_ids has batch {b} but the cache was made for {cache.batch_size}")
@@ -123,14 +126,13 @@ class NemotronH(nnx.Module):
       pos = jnp.zeros((), jnp.int32)
     positions = pos + jnp.arange(t, dtype=jnp.int32)
     valid = positions[None, :] >= start[:, None]  # [b, t]
-    any_pad = cache is not None or start is not None
     x = sharding.constrain(self, self.backbone.embeddings(input_ids).astype(self.dtype),
                            "residual")
     new_layers = []
     for i, block in enumerate(self.backbone.layers):
       state = None if cache is None else cache.layers[i]
-      args = dict(state=state, start=start, pos=pos, valid=valid if any_pad else None,
-                  segment_ids=segment_ids)
+      args = dict(state=state, start=start if any_pad else None, pos=pos,
+                  valid=valid if any_pad else None, segment_ids=segment_ids)
       x, state = block(x, **args) if remat is None else _remat_block(block, remat, x, args)
       # Block boundary: batch over data, the residual stream whole on every tensor shard.
       x = sharding.constrain(self, x, "residual")

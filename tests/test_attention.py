@@ -2,10 +2,14 @@
 and the dispatcher's rules."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from nemojax import NemotronH, NemotronHConfig, mamba2
+from nemojax import attention as attention_module
 from nemojax import testing as T
 from nemojax.kernels import attention as A
 from nemojax.kernels import platform
@@ -98,3 +102,81 @@ def test_mismatched_kv_heads_are_refused():
   kv = jnp.zeros((1, 2, 16, 8))
   with pytest.raises(ValueError, match="multiple of kv"):
     A.attention(q, kv, kv, 0, jnp.zeros((1,), jnp.int32))
+
+
+def test_full_forward_without_padding_and_cudnn_errors():
+  # start=None (no padding) is the same attention as start=0; off an NVIDIA GPU it runs XLA, and
+  # an explicit "cudnn" it cannot honour is refused by name.
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((2, 19, 4, 16)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.standard_normal((2, 2, 19, 16)), jnp.bfloat16) for _ in range(2))
+  zero = jnp.zeros((2,), jnp.int32)
+  chex.assert_trees_all_equal(A.attention(q, k, v, 0, None), A.attention(q, k, v, 0, zero))
+  if not platform.cuda_gpu_available():
+    with pytest.raises(ValueError, match="implementation='cudnn' needs a full forward"):
+      A.attention(q, k, v, 0, None, implementation="cudnn")
+  with pytest.raises(ValueError, match="implementation='cudnn' needs a full forward"):
+    A.attention(q, k, v, 0, zero, implementation="cudnn")  # padding given: not cuDNN's
+  with pytest.raises(ValueError, match="implementation='cudnn' is for a full forward"):
+    A.attention(q, k, v, 0, zero, 19, implementation="cudnn")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,h,kv,d", [(2, 300, 8, 2, 128), (1, 1000, 6, 1, 64)])
+def test_cudnn_full_forward_and_gradients_match_reference(b, t, h, kv, d):
+  # The training path on a GPU (rule 2): cuDNN's flash attention, forward and the gradients of
+  # q, k and v, against the XLA reference in float32, at lengths that are no multiple of a tile.
+  assert A.cudnn_usable((b, t, h, d), (b, kv, t, d), jnp.bfloat16)
+  rng = np.random.default_rng(t)
+  q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.standard_normal((b, kv, t, d)), jnp.bfloat16) for _ in range(2))
+  w = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+  zero = jnp.zeros((b,), jnp.int32)
+
+  def loss(q, k, v, impl):
+    if impl == "xla":
+      q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+      o = A.attention(q, k, v, 0, zero, implementation="xla")
+    else:
+      o = A.attention(q, k, v, 0, None)  # the dispatcher's choice: cuDNN here
+    return jnp.sum(o.astype(jnp.float32) * w), o
+
+  (_, o), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                      static_argnums=3)(q, k, v, "auto")
+  (_, o_ref), g_ref = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                              static_argnums=3)(q, k, v, "xla")
+  rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r).ravel())
+                           / jnp.linalg.norm(r.ravel()))
+  assert rel(o, o_ref) < 1e-2
+  for name, a, r in zip("qkv", g, g_ref):
+    assert np.isfinite(np.asarray(a, np.float32)).all(), name
+    assert rel(a, r) < 2e-2, name
+  # It really is cuDNN: its custom call is in the program.
+  hlo = jax.jit(lambda q, k, v: A.attention(q, k, v, 0, None)).lower(q, k, v).as_text()
+  assert "cudnn" in hlo.lower()
+
+
+def test_model_tells_attention_and_mamba_when_no_row_is_padded(monkeypatch):
+  # Without a cache or `start`, hidden_states passes start=None to attention (which may then run
+  # cuDNN, rule 2) and valid=None to the Mamba blocks (no masks); with `start`, both get them.
+  seen = {"start": [], "valid": []}
+  real_attention = attention_module.attention_kernels.attention
+  real_mamba = mamba2.Mamba2Mixer.__call__
+
+  def attention(q, k, v, pos, start, *a, **kw):
+    seen["start"].append(start)
+    return real_attention(q, k, v, pos, start, *a, **kw)
+
+  def mamba(self, u, *, valid=None, **kw):
+    seen["valid"].append(valid)
+    return real_mamba(self, u, valid=valid, **kw)
+
+  monkeypatch.setattr(attention_module.attention_kernels, "attention", attention)
+  monkeypatch.setattr(mamba2.Mamba2Mixer, "__call__", mamba)
+  model = NemotronH(NemotronHConfig.tiny(hybrid_override_pattern="M*"), dtype=jnp.float32,
+                    rngs=nnx.Rngs(0))
+  ids = jnp.ones((2, 7), jnp.int32)
+  jax.eval_shape(lambda: model.hidden_states(ids))
+  assert seen == {"start": [None], "valid": [None]}
+  jax.eval_shape(lambda: model.hidden_states(ids, start=jnp.array([0, 2])))
+  assert seen["start"][1] is not None and seen["valid"][1] is not None

@@ -33,7 +33,7 @@ for lora in (False, True):
     m = NemotronH(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), ssd_implementation="xla")
     return apply_lora(m, 4) if lora else m
   model = nnx.eval_shape(make)  # abstract: nothing allocated
-  for remat in ("none", "full", "dots"):
+  for remat in ("none", "full", "dots") + (() if lora else ("mlp",)):
     trainer = Trainer(model, TrainConfig(remat=remat), wrt=LORA_PARAM if lora else nnx.Param)
     ma = trainer.lower(4, 513).compile().memory_analysis()
     state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state()))
@@ -69,6 +69,10 @@ def test_remat_cuts_temporaries_and_state_is_donated():
     assert full < 0.6 * none, (kind, analysis)
     assert dots < 0.8 * none, (kind, analysis)
     assert full <= dots * 1.05, (kind, analysis)
+  # "mlp" keeps the MLP blocks' up-projection outputs (named in the model): more than "full"
+  # keeps, less than "dots" (every projection's output). A lost name would make it equal "full".
+  mlp = analysis["full_mlp"]["temp"]
+  assert analysis["full_full"]["temp"] < mlp < analysis["full_dots"]["temp"], analysis
   # Full fine-tune: the whole train state (float32 master weights, two float32 moments) is
   # donated, so the new state reuses its buffers. LoRA: only the adapters' state is; the frozen
   # base weights are arguments that stay.

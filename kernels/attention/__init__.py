@@ -1,8 +1,10 @@
-"""Causal GQA attention over a KV cache: reference (pure JAX), Pallas kernel, dispatcher."""
+"""Causal GQA attention: reference (pure JAX), Pallas kernel (over a KV cache), cuDNN for the
+full forward, and the dispatcher."""
 
 from nemojax.kernels.attention.api import (
   IMPLEMENTATIONS,
   attention,
+  cudnn_usable,
   resolve_implementation,
   supports,
 )
@@ -15,5 +17,5 @@ from nemojax.kernels.attention.reference import (
 )
 
 __all__ = ["DEFAULT_KEY_BLOCK", "IMPLEMENTATIONS", "MAX_SPLIT_QUERIES", "attention",
-           "attention_blocked", "attention_split", "resolve_implementation", "split_block_size",
-           "supports"]
+           "attention_blocked", "attention_split", "cudnn_usable", "resolve_implementation",
+           "split_block_size", "supports"]
