@@ -45,7 +45,6 @@ from nemojax import engine, jit
 from nemojax import testing as T
 from nemojax.sampler import Sampler
 from nemojax.cache import KVState, MambaState
-from profiling import summarize_trace
 
 RESULTS: dict = {}
 ROWS: list[tuple] = []
@@ -324,6 +323,7 @@ def part_decode(model, cfg, args):
 # ------------------------------------------------------------------------------------------------
 def part_profile(model, cfg, args):
   """Traces a few decode steps and one prefill chunk; reports where the GPU time goes."""
+  from profiling import summarize_trace
   graph, params = jit.split(model)
   out = {}
   cases = [c for c in args.profile_cases.split(",") if c]

@@ -55,7 +55,6 @@ from nemojax import testing as T
 from nemojax.lora import LORA_PARAM, apply_lora
 from nemojax.model import NemotronH
 from nemojax.train import TrainConfig, Trainer
-from profiling import summarize_trace
 
 PEAK_FLOPS = 790e12
 SLICE_PATTERN = "M-M-M-MM-M-M-M*"
@@ -202,6 +201,7 @@ def run_case(name: str, args) -> dict:
   s = statistics.median(times)
   profile = None
   if args.profile:  # one more step under jax.profiler: where the GPU time goes
+    from profiling import summarize_trace
     trace_dir = os.path.join(args.out, f"trace_{name}")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       t0 = time.perf_counter()
