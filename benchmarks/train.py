@@ -226,7 +226,13 @@ def run_case(name: str, args) -> dict:
 
 
 def run_isolated(name: str, args) -> dict:
-  """Runs one case in a fresh process (its own peak memory); an out-of-memory is a result."""
+  """Runs one case in a fresh process (its own peak memory); an out-of-memory is a result.
+
+  `--config tiny` without `--estimate` runs in this process: a check of the script on a CPU,
+  with no device memory to keep apart and no process start-up worth paying per case.
+  """
+  if args.config == "tiny" and not args.estimate:
+    return run_case(name, args)
   cmd = [sys.executable, __file__, "--case", name, "--seq", str(args.seq), "--steps",
          str(args.steps), "--warmup", str(args.warmup)]
   cmd += ["--config", args.config] if args.config else []

@@ -33,7 +33,8 @@ for lora in (False, True):
     m = NemotronH(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), ssd_implementation="xla")
     return apply_lora(m, 4) if lora else m
   model = nnx.eval_shape(make)  # abstract: nothing allocated
-  for remat in ("none", "full", "dots") + (() if lora else ("mlp",)):
+  # LoRA: none vs full only (dots and mlp are the same policies, checked on the full fine-tune).
+  for remat in ("none", "full") if lora else ("none", "full", "dots", "mlp"):
     trainer = Trainer(model, TrainConfig(remat=remat), wrt=LORA_PARAM if lora else nnx.Param)
     ma = trainer.lower(4, 513).compile().memory_analysis()
     state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state()))
@@ -61,18 +62,17 @@ def test_remat_cuts_temporaries_and_state_is_donated():
   # worker that ran one of them would compile all six again.
   analysis = _analysis()
   for kind in ("full", "lora"):
-    # If all three match on a new jax, check first that XLA still names its CPU barrier pass
+    # If these match on a new jax, check first that XLA still names its CPU barrier pass
     # cse_barrier_expander (an unknown name in the flag is ignored, and remat is then undone).
-    none, full, dots = (analysis[f"{kind}_{r}"]["temp"] for r in ("none", "full", "dots"))
-    # Measured (jax 0.10.2): full keeps ~1/4 of none's temporaries, dots about a third. Without
-    # working remat the three are within a few percent of each other.
-    assert full < 0.6 * none, (kind, analysis)
-    assert dots < 0.8 * none, (kind, analysis)
-    assert full <= dots * 1.05, (kind, analysis)
-  # "mlp" keeps the MLP blocks' up-projection outputs (named in the model): more than "full"
-  # keeps, less than "dots" (every projection's output). A lost name would make it equal "full".
-  mlp = analysis["full_mlp"]["temp"]
-  assert analysis["full_full"]["temp"] < mlp < analysis["full_dots"]["temp"], analysis
+    # Measured (jax 0.10.2): full keeps ~1/4 of none's temporaries. Without working remat they
+    # are within a few percent of each other.
+    assert analysis[f"{kind}_full"]["temp"] < 0.6 * analysis[f"{kind}_none"]["temp"], analysis
+  none, full, mlp, dots = (analysis[f"full_{r}"]["temp"] for r in ("none", "full", "mlp", "dots"))
+  assert dots < 0.8 * none, analysis  # about a third of none's
+  # "mlp" keeps the MLP blocks' up-projection outputs, "dots" every projection's output: both
+  # selected by checkpoint names (the products run in a custom VJP the dot policies cannot see
+  # into). A lost name makes a policy keep what "full" keeps.
+  assert full < mlp < dots, analysis
   # Full fine-tune: the whole train state (float32 master weights, two float32 moments) is
   # donated, so the new state reuses its buffers. LoRA: only the adapters' state is; the frozen
   # base weights are arguments that stay.
