@@ -105,13 +105,15 @@ def test_mismatched_kv_heads_are_refused():
 
 
 def test_full_forward_without_padding_and_cudnn_errors():
-  # start=None (no padding) is the same attention as start=0; off an NVIDIA GPU it runs XLA, and
-  # an explicit "cudnn" it cannot honour is refused by name.
+  # start=None (no padding) on the XLA path is the same attention as start=0 (None alone may run
+  # cuDNN on a GPU: its closeness is the gpu test below); an explicit "cudnn" it cannot honour is
+  # refused by name.
   rng = np.random.default_rng(3)
   q = jnp.asarray(rng.standard_normal((2, 19, 4, 16)), jnp.bfloat16)
   k, v = (jnp.asarray(rng.standard_normal((2, 2, 19, 16)), jnp.bfloat16) for _ in range(2))
   zero = jnp.zeros((2,), jnp.int32)
-  chex.assert_trees_all_equal(A.attention(q, k, v, 0, None), A.attention(q, k, v, 0, zero))
+  chex.assert_trees_all_equal(A.attention(q, k, v, 0, None, implementation="xla"),
+                              A.attention(q, k, v, 0, zero))
   if not platform.cuda_gpu_available():
     with pytest.raises(ValueError, match="implementation='cudnn' needs a full forward"):
       A.attention(q, k, v, 0, None, implementation="cudnn")
