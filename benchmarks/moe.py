@@ -301,12 +301,17 @@ def decode_state(model, cfg, b, ctx, steps):
   """A loop state whose cache holds `ctx` positions (random state contents do not change work)."""
   s_max = -(-(ctx + 2 * steps + 64) // 256) * 256
   cache = model.init_cache(b, s_max).replace(pos=jnp.int32(ctx))
-  # Distinct random tokens per row: identical rows would all route to the same six experts.
+  # Distinct tokens per row, at the start and at every step: identical rows would all route to
+  # the same six experts and read a fraction of the weights the roofline counts. Greedy decoding
+  # of a random model collapses every row onto one token after a step (measured on the H200:
+  # batch 64 then ran at 158% of the roofline), so the rows sample at temperature 1, each with
+  # its own seed.
   tokens = jax.random.randint(jax.random.key(b), (b,), 0, cfg.vocab_size, jnp.int32)
   state = engine.init_state(cache, tokens, max_new_tokens=2 * steps)
-  lcfg, _ = engine.loop_config(vocab_size=cfg.vocab_size, max_new_tokens=2 * steps,
-                               sampling_params=nemojax.SamplingParams(), seeds=[0] * b)
-  return state, lcfg
+  lcfg, mode = engine.loop_config(vocab_size=cfg.vocab_size, max_new_tokens=2 * steps,
+                                  sampling_params=nemojax.SamplingParams(temperature=1.0),
+                                  seeds=list(range(b)))
+  return state, lcfg, mode
 
 
 def part_decode(model, cfg, args, impls):
@@ -317,13 +322,14 @@ def part_decode(model, cfg, args, impls):
     graph, params = jit.split(model)
     for b in args.batches:
       def measure(b=b):
-        state, lcfg = decode_state(model, cfg, b, ctx, steps)
+        state, lcfg, mode = decode_state(model, cfg, b, ctx, steps)
         t = time.perf_counter()
-        state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1), "greedy")
+        state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1), mode)
         jax.block_until_ready(state.tokens)
         first = time.perf_counter() - t
         t = time.perf_counter()
-        state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1 + steps), "greedy")
+        state = engine.decode_segment(graph, params, state, lcfg, jnp.int32(1 + steps),
+                                      mode)
         jax.block_until_ready(state.tokens)
         per = (time.perf_counter() - t) / steps
         roof = decode_roofline_ms(model, cfg, b, ctx)

@@ -20,8 +20,9 @@ Its gradient is computed in the same pass (a custom VJP): for chunk c,
 
 so the backward pass only scales the stored dh and dW by the incoming cotangent: three matmuls of
 [C, V, D] per chunk in all (the logits, dh, dW), where autodiff through a rematerialised chunk
-needs four. The matmuls take the operands' dtype (bf16 in training) with float32 accumulation;
-logsumexp, softmax and the weighted sums are float32.
+needs four; two when the head is frozen (LoRA): the VJP sees that and skips dW. The matmuls take
+the operands' dtype (bf16 in training) with float32 accumulation; logsumexp, softmax and the
+weighted sums are float32. The target's logit is the dot of h_i with W's row y_i.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 __all__ = ["DEFAULT_LOSS_CHUNK", "chunked_next_token_loss", "next_token_loss", "weighted_nll"]
@@ -85,12 +85,14 @@ def weighted_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights
     chunk_size: Tokens per chunk (static).
 
   Returns:
-    A float32 scalar. Differentiable in `hidden`, `head` and `weights`.
+    A float32 scalar. Differentiable in `hidden`, `head` and `weights`; a head that is not
+    differentiated (frozen, as under LoRA) costs no dW product.
   """
-  return _weighted_nll_fwd(hidden, head, targets, weights, chunk_size)[0]
+  return _nll_pass(hidden, head, targets, weights, chunk_size, head_grad=False)[0]
 
 
-def _weighted_nll_fwd(hidden, head, targets, weights, chunk_size):
+def _nll_pass(hidden, head, targets, weights, chunk_size, *, head_grad: bool):
+  """(Σ weights · nll, dΣ/dhidden, dΣ/dhead or None, nll) in one pass over the chunks."""
   if head.ndim != 2 or hidden.shape[-1] != head.shape[1]:
     raise ValueError(f"weighted_nll: hidden {hidden.shape} and head {head.shape} do not match "
                      "(expected hidden [..., D] and head [V, D])")
@@ -106,32 +108,43 @@ def _weighted_nll_fwd(hidden, head, targets, weights, chunk_size):
     h_c = h_c.astype(head.dtype)
     z = jnp.einsum("cd,vd->cv", h_c, head, preferred_element_type=f32)  # [C, V]
     lse = jax.nn.logsumexp(z, axis=-1)  # [C]
-    # The target's logit by a gather, not a masked sum: one pass less over the [C, V] logits.
-    nll = lse - jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0]
+    # The target's logit from its row of the head ([C, D]), not from a pass over [C, V].
+    z_y = jnp.einsum("cd,cd->c", h_c.astype(f32), jnp.take(head, y_c, axis=0).astype(f32))
     hit = vocab[None, :] == y_c[:, None]  # [C, V], fused into dz
     dz = (m_c[:, None] * (jnp.exp(z - lse[:, None]) - hit)).astype(head.dtype)
     dh_c = jnp.einsum("cv,vd->cd", dz, head, preferred_element_type=f32)
-    dw = dw + jnp.einsum("cv,cd->vd", dz, h_c, preferred_element_type=f32)
-    return dw, (nll, dh_c.astype(hidden.dtype))
+    if head_grad:
+      dw = dw + jnp.einsum("cv,cd->vd", dz, h_c, preferred_element_type=f32)
+    return dw, (lse - z_y, dh_c.astype(hidden.dtype))
 
-  dw, (nll, dh) = jax.lax.scan(body, jnp.zeros(head.shape, f32), (h, y, m))
+  dw0 = jnp.zeros(head.shape, f32) if head_grad else None
+  dw, (nll, dh) = jax.lax.scan(body, dw0, (h, y, m))
   nll = nll.reshape(-1)[:n]
   total = jnp.sum(nll * m.reshape(-1)[:n])
   dh = dh.reshape(-1, d)[:n].reshape(hidden.shape)
-  residuals = (dh, dw.astype(head.dtype), nll.reshape(targets.shape), targets)
-  return total, residuals
+  return total, dh, (dw.astype(head.dtype) if head_grad else None), nll.reshape(targets.shape)
+
+
+def _weighted_nll_fwd(hidden, head, targets, weights, chunk_size):
+  # symbolic_zeros: each argument arrives as a CustomVJPPrimal that says whether it is
+  # differentiated (`perturbed`).
+  total, dh, dw, nll = _nll_pass(hidden.value, head.value, targets.value, weights.value,
+                                 chunk_size, head_grad=head.perturbed)
+  return total, (dh, dw, nll if weights.perturbed else None)
 
 
 def _weighted_nll_bwd(chunk_size, residuals, g):
   del chunk_size
-  dh, dw, nll, targets = residuals
+  dh, dw, nll = residuals
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None, None, None
   g = g.astype(f32)
+  scale = lambda v: None if v is None else (g * v.astype(f32)).astype(v.dtype)
   # The forward already holds dΣ/dh and dΣ/dW; with a mean (g = 1 at the top) scaling is exact.
-  return ((g * dh.astype(f32)).astype(dh.dtype), (g * dw.astype(f32)).astype(dw.dtype),
-          np.zeros(targets.shape, jax.dtypes.float0), g * nll)
+  return scale(dh), scale(dw), None, None if nll is None else g * nll
 
 
-weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd, symbolic_zeros=True)
 
 
 def chunked_next_token_loss(hidden: jax.Array, head: jax.Array, tokens: jax.Array,

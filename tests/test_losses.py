@@ -102,3 +102,31 @@ def test_gradient_program_never_holds_full_logits():
       lambda h, w: chunked_next_token_loss(h, w, tokens, mask, chunk)[0], (0, 1)))(hidden, head)
   biggest = max(int(np.prod(s)) for s in _all_shapes(jaxpr.jaxpr) if s and s[-1] == V)
   assert biggest <= chunk * V < B * (TIME - 1) * V
+
+
+def _products_with_vocab(jaxpr) -> int:
+  """dot_generals anywhere in `jaxpr` (scan bodies included) with an operand of V columns/rows."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and any(V in getattr(v.aval, "shape", ())
+                                                   for v in eqn.invars):
+      n += 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          n += _products_with_vocab(inner)
+  return n
+
+
+def test_frozen_head_costs_no_head_gradient():
+  # LoRA freezes the head: the VJP sees that the head is not differentiated and skips dW (one of
+  # the three [C, V, D] products per chunk), and d hidden is unchanged.
+  hidden, head, tokens, mask = _inputs(3)
+  loss_of = lambda h, w: chunked_next_token_loss(h, w, tokens, mask, 5)[0]
+  both = jax.make_jaxpr(jax.grad(loss_of, (0, 1)))(hidden, head).jaxpr
+  frozen = jax.make_jaxpr(jax.grad(loss_of))(hidden, head).jaxpr
+  assert (_products_with_vocab(both), _products_with_vocab(frozen)) == (3, 2)
+  dh = jax.jit(jax.grad(loss_of))(hidden, head)
+  dh_full = jax.grad(lambda h: _full(h, head, tokens, mask)[0])(hidden)
+  T.assert_close(dh, dh_full, "float32", "same", "d hidden, head frozen")
