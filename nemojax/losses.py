@@ -85,14 +85,15 @@ def weighted_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights
     chunk_size: Tokens per chunk (static).
 
   Returns:
-    A float32 scalar. Differentiable in `hidden`, `head` and `weights`; a head that is not
-    differentiated (frozen, as under LoRA) costs no dW product.
+    A float32 scalar. Differentiable in `hidden`, `head` and `weights`; what is not differentiated
+    costs nothing: a frozen head (LoRA) no dW product, the loss alone (evaluation) only the logits.
   """
-  return _nll_pass(hidden, head, targets, weights, chunk_size, head_grad=False)[0]
+  return _nll_pass(hidden, head, targets, weights, chunk_size, hidden_grad=False,
+                   head_grad=False)[0]
 
 
-def _nll_pass(hidden, head, targets, weights, chunk_size, *, head_grad: bool):
-  """(Σ weights · nll, dΣ/dhidden, dΣ/dhead or None, nll) in one pass over the chunks."""
+def _nll_pass(hidden, head, targets, weights, chunk_size, *, hidden_grad: bool, head_grad: bool):
+  """(Σ weights · nll, dΣ/dhidden or None, dΣ/dhead or None, nll) in one pass over the chunks."""
   if head.ndim != 2 or hidden.shape[-1] != head.shape[1]:
     raise ValueError(f"weighted_nll: hidden {hidden.shape} and head {head.shape} do not match "
                      "(expected hidden [..., D] and head [V, D])")
@@ -110,18 +111,22 @@ def _nll_pass(hidden, head, targets, weights, chunk_size, *, head_grad: bool):
     lse = jax.nn.logsumexp(z, axis=-1)  # [C]
     # The target's logit from its row of the head ([C, D]), not from a pass over [C, V].
     z_y = jnp.einsum("cd,cd->c", h_c.astype(f32), jnp.take(head, y_c, axis=0).astype(f32))
+    if not (hidden_grad or head_grad):  # the loss alone (evaluation)
+      return dw, (lse - z_y, None)
     hit = vocab[None, :] == y_c[:, None]  # [C, V], fused into dz
     dz = (m_c[:, None] * (jnp.exp(z - lse[:, None]) - hit)).astype(head.dtype)
-    dh_c = jnp.einsum("cv,vd->cd", dz, head, preferred_element_type=f32)
+    dh_c = None
+    if hidden_grad:
+      dh_c = jnp.einsum("cv,vd->cd", dz, head, preferred_element_type=f32).astype(hidden.dtype)
     if head_grad:
       dw = dw + jnp.einsum("cv,cd->vd", dz, h_c, preferred_element_type=f32)
-    return dw, (lse - z_y, dh_c.astype(hidden.dtype))
+    return dw, (lse - z_y, dh_c)
 
   dw0 = jnp.zeros(head.shape, f32) if head_grad else None
   dw, (nll, dh) = jax.lax.scan(body, dw0, (h, y, m))
   nll = nll.reshape(-1)[:n]
   total = jnp.sum(nll * m.reshape(-1)[:n])
-  dh = dh.reshape(-1, d)[:n].reshape(hidden.shape)
+  dh = dh.reshape(-1, d)[:n].reshape(hidden.shape) if hidden_grad else None
   return total, dh, (dw.astype(head.dtype) if head_grad else None), nll.reshape(targets.shape)
 
 
@@ -129,7 +134,8 @@ def _weighted_nll_fwd(hidden, head, targets, weights, chunk_size):
   # symbolic_zeros: each argument arrives as a CustomVJPPrimal that says whether it is
   # differentiated (`perturbed`).
   total, dh, dw, nll = _nll_pass(hidden.value, head.value, targets.value, weights.value,
-                                 chunk_size, head_grad=head.perturbed)
+                                 chunk_size, hidden_grad=hidden.perturbed,
+                                 head_grad=head.perturbed)
   return total, (dh, dw, nll if weights.perturbed else None)
 
 
