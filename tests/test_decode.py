@@ -48,7 +48,7 @@ def _decode_all(m, ids, prefill_sizes):
   return jnp.concatenate(out, axis=1), cache
 
 
-# Prompts shorter than the conv's K - 1 = 3 inputs of history (1), exactly that long (3), longer (21).
+# Prompts shorter than the conv's K - 1 = 3 inputs of history (1), that long (3), longer (21).
 @pytest.mark.parametrize("prompt_len", [1, 3, 21])
 def test_prefill_then_decode_equals_full_forward(model, prompt_len):
   cfg = model.config
