@@ -134,3 +134,38 @@ def test_config_errors_name_the_field():
     TrainConfig(grad_accum_steps=0)
   with pytest.raises(ValueError, match="TrainConfig.loss_chunk_size: got -1"):
     TrainConfig(loss_chunk_size=-1)
+
+
+def _dot_dtypes(jaxpr, out=None):
+  """(lhs, rhs, result) dtypes of every dot_general in `jaxpr`, sub-jaxprs included."""
+  out = [] if out is None else out
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(jnp.dtype(v.aval.dtype).name for v in (*eqn.invars, *eqn.outvars)))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _dot_dtypes(inner, out)
+  return out
+
+
+def test_projection_gradients_multiply_in_the_weights_dtype_and_forward_mode_works():
+  # layers.matmul: a bf16 model's backward products take bf16 operands (left to autodiff, the
+  # float32-accumulated product transposes into float32 x upcast-weight GEMMs, TF32 on a GPU); a
+  # frozen weight costs no product; float32 models get the plain einsum's gradients; jax.jvp
+  # (forward mode) goes through.
+  from nemojax.layers import matmul
+  rng = np.random.default_rng(0)
+  x32 = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)
+  w32 = jnp.asarray(rng.normal(size=(6, 7)), jnp.float32)
+  loss = lambda x, w: jnp.sum(jnp.sin(matmul(x, w, jnp.float32)))
+  x16, w16 = x32.astype(jnp.bfloat16), w32.astype(jnp.bfloat16)
+  both = _dot_dtypes(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x16, w16).jaxpr)
+  assert len(both) == 3 and all(d[:2] == ("bfloat16", "bfloat16") for d in both), both
+  assert len(_dot_dtypes(jax.make_jaxpr(jax.grad(loss))(x16, w16).jaxpr)) == 2  # w frozen
+  want = jax.grad(lambda x, w: jnp.sum(jnp.sin(jnp.einsum("...i,oi->...o", x, w))), (0, 1))
+  for got, ref, name in zip(jax.grad(loss, (0, 1))(x32, w32), want(x32, w32), ("dx", "dw")):
+    T.assert_close(got, ref, "float32", "same", name)
+  _, tangent = jax.jvp(lambda x: matmul(x, w32, jnp.float32), (x32,), (x32,))
+  T.assert_close(tangent, jnp.einsum("...i,oi->...o", x32, w32), "float32", "same", "jvp")
