@@ -94,8 +94,8 @@ _cp = jax.checkpoint_policies
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": _cp.nothing_saveable,
-    # The projections' products run inside a custom VJP (`layers.matmul`), where the dot
-    # policies cannot see them: they are selected by their checkpoint name.
+    # The projections (`layers.matmul`) are selected by their checkpoint name: the float32
+    # output the model uses, which is what the backward needs.
     "dots": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable,
                                         _cp.save_only_these_names(PROJECTION)),
     "offload": _cp.save_and_offload_only_these_names(
