@@ -35,7 +35,7 @@ intermediate]: the backward then recomputes no MLP matmul, since the down projec
 never needed again), "mlp_mamba" also the Mamba blocks' in_proj outputs (their backward then
 recomputes the conv, the SSD and the norm, but no matmul). Per 4,096 tokens at Nano-9B-v2's
 widths that is 257 MB per MLP block and 371 MB per Mamba block (measured on a 141 GB H200: the
-9B with LoRA at 4 x 4,096 tokens fits with "mlp", 54.7 GiB, not with "mlp_mamba").
+9B with LoRA at 4 x 4,096 tokens fits with "mlp", 53.9 GiB, not with "mlp_mamba").
 
 LoRA (`nemojax.lora`): `Trainer(model, wrt=nnx.LoRAParam)` trains only the adapters; the base
 weights are constant inputs of the step, never updated, copied or given optimizer state.

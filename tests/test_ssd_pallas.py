@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from nemojax import testing as T
-from nemojax.kernels import platform
+from nemojax.kernels import layout, platform
 from nemojax.kernels.ssd import api, reference
 from nemojax.kernels.ssd import pallas_mosaic_gpu as fwd  # the forward kernel alone
 from nemojax.kernels.ssd import pallas_mosaic_gpu_bwd as pmg  # the differentiable entry
@@ -184,6 +184,37 @@ def test_forward_lowers_for_cuda(p, config):
     fn = functools.partial(fwd.forward, config=config, interpret=False, emit_states=emit)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("b,m,k", [(3, 384, 640), (2, 8, 256), (1, 256, 2), (2, 96, 128)])
+def test_swap_minor_is_an_exact_transpose(b, m, k):
+  # The layout-pinning transpose (interpreted Pallas kernel; 96 is neither a multiple of 128 nor
+  # a power of two, so that case is jnp.transpose): every element moved, none changed.
+  v = jnp.asarray(np.random.default_rng(b * m + k).standard_normal((b, m, k)), jnp.bfloat16)
+  fn = functools.partial(layout.swap_minor, interpret=True)
+  assert ("pallas_call" in str(jax.make_jaxpr(fn)(v))) == (m != 96)
+  np.testing.assert_array_equal(np.asarray(jax.jit(fn)(v)), np.asarray(jnp.transpose(v, (0, 2, 1))))
+
+
+def test_no_xla_transpose_of_activations():
+  # Neither the forward nor the backward wrapper leaves XLA a transpose of a [b, t, ...]
+  # activation (t = 300 → 384 padded): XLA would answer it by storing the whole in_proj output
+  # time-minor (nemojax/kernels/layout.py). Only state-sized [b, h, n, p] transposes remain.
+  b, t, h, g, p = 2, 300, 4, 2, 80
+  S = jax.ShapeDtypeStruct
+  args = (S((b, t, h, p), jnp.bfloat16), S((b, t, h), jnp.float32), S((h,), jnp.float32),
+          S((b, t, g, N), jnp.bfloat16), S((b, t, g, N), jnp.bfloat16), S((h,), jnp.float32),
+          S((b, h, p, N), jnp.float32))
+
+  def loss(*a):
+    y, s = pmg.ssd(*a, chunk_size=128)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
+  text = jax.jit(jax.grad(loss, range(7))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  transposes = [ln for ln in text.splitlines() if "stablehlo.transpose" in ln]
+  assert transposes  # the state transposes, so the check below looks at real lines
+  for ln in transposes:
+    assert "300" not in ln and "384" not in ln, ln
 
 
 def test_config_rejects_unknown_backward():

@@ -25,7 +25,9 @@ chip. Three warpgroups: WG 0 and 1 compute (WG w owns output rows [64w, 64w+64) 
 state rows n ∈ [64w, 64w+64)); WG 2 streams the inputs with TMA, `num_stages` blocks
 ahead. The wrapper (plain XLA, ~5 KB per token of extra traffic against ~46 KB the kernel moves)
 pads the sequence to whole blocks with dt = 0 steps (no decay, no input: the final state stays
-exact), computes the block-local cumsum Λ and transposes dt, Λ and B so that they arrive as rows.
+exact), computes the block-local cumsum Λ and transposes dt, Λ and B so that they arrive as rows
+(dt and B through `layout.swap_minor`, a kernel: an XLA transpose there would make XLA store the
+model's whole in_proj output time-minor, see `nemojax/kernels/layout.py`).
 
 Interpret mode (`interpret=True`, CPU tests) runs the same kernel body on Mosaic GPU's interpreter
 (TMA copies, barriers, warpgroups, pipelining). The interpreter of jax 0.10 cannot take register
@@ -62,7 +64,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from nemojax.kernels import platform
+from nemojax.kernels import layout, platform
 from nemojax.kernels.segments import document_index
 from nemojax.kernels.ssd import reference
 
@@ -450,13 +452,15 @@ def split3(s32):
   return jnp.stack(pieces)
 
 
-def prepare(x, dt, A, B, C, D, initial_state, config: Config, segment_ids=None):
-  """Checks, padding to whole blocks and the XLA-side layouts both kernels read.
+def prepare(x, dt, A, B, C, D, initial_state, config: Config, segment_ids=None, *,
+            interpret: bool = False):
+  """Checks, padding to whole blocks and the layouts both kernels read.
 
-  Returns a dict: shapes (b, t, tp, h, p, g, n), x, B, C padded (bf16), dt, a = dt·A (with
-  `DOC_PENALTY` subtracted at document starts when `segment_ids` [b, t] is given) and its
-  block-local cumsum Λ, padded and transposed to [b, h, t] (fp32), Bᵀ [b, g, n, t], D (fp32,
-  zeros if None).
+  Returns a dict: shapes (b, t, tp, h, p, g, n), x, B, C padded (bf16), dt and the block-local
+  cumsum Λ of a = dt·A (with `DOC_PENALTY` subtracted at document starts when `segment_ids`
+  [b, t] is given) as [b, h, tp] (fp32), D (fp32, zeros if None). dt goes time-minor through
+  `layout.swap_minor` before anything else touches it (see `nemojax.kernels.layout`: a
+  `jnp.transpose` here makes XLA store the whole in_proj output time-minor).
   """
   b, t, h, p, g, n = reference._check_shapes(x, dt, A, B, C, D, initial_state)
   reference._check_segments(segment_ids, b, t)
@@ -473,28 +477,30 @@ def prepare(x, dt, A, B, C, D, initial_state, config: Config, segment_ids=None):
   pad = (-t) % T
   tp = t + pad
   pad_t = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)) if pad else v
-  Bk = pad_t(B.astype(dtype))
-  dtf = pad_t(dt.astype(f32))                                   # [b, t, h]; padded steps dt = 0
-  a = dtf * A.astype(f32)
+  dt_t = layout.swap_minor(pad_t(dt.astype(f32)), interpret=interpret)  # [b, h, tp]; pad: dt = 0
+  a = dt_t * A.astype(f32)[None, :, None]
   if segment_ids is not None:  # a document's first step forgets the state (never step 0)
     doc = document_index(segment_ids)
     start = jnp.concatenate([jnp.zeros((b, 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
-    a = a - jnp.where(pad_t(start), DOC_PENALTY, 0.0)[:, :, None]
-  lam = jnp.cumsum(a.reshape(b, tp // T, T, h), axis=2).reshape(b, tp, h)
+    a = a - jnp.where(pad_t(start), DOC_PENALTY, 0.0)[:, None, :]
+  lam_t = jnp.cumsum(a.reshape(b, h, tp // T, T), axis=3).reshape(b, h, tp)
   return dict(
       b=b, t=t, tp=tp, h=h, p=p, g=g, n=n, pad_t=pad_t,
-      x=pad_t(x), B=Bk, C=pad_t(C.astype(dtype)),
-      lam_t=jnp.transpose(lam, (0, 2, 1)),                      # [b, h, t]
-      dt_t=jnp.transpose(dtf, (0, 2, 1)),                       # [b, h, t]
-      a_t=jnp.transpose(a, (0, 2, 1)),                          # [b, h, t]
-      bt=jnp.transpose(Bk, (0, 2, 3, 1)),                       # [b, g, n, t]
+      x=pad_t(x), B=pad_t(B.astype(dtype)), C=pad_t(C.astype(dtype)),
+      lam_t=lam_t, dt_t=dt_t,                                     # [b, h, tp]
       d=jnp.zeros((h,), f32) if D is None else D.astype(f32))
+
+
+def time_minor(v, *, interpret: bool):
+  """[b, tp, g, n] → [b, g, n, tp] (Bᵀ for the scan, Cᵀ for its adjoint walk), layout-pinned."""
+  b, tp, g, n = v.shape
+  return layout.swap_minor(v.reshape(b, tp, g * n), interpret=interpret).reshape(b, g, n, tp)
 
 
 def forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
             emit_states: bool = False, segment_ids=None):
   """The forward kernel (not differentiable: `pallas_mosaic_gpu_bwd.ssd` is the public entry)."""
-  k = prepare(x, dt, A, B, C, D, initial_state, config, segment_ids)
+  k = prepare(x, dt, A, B, C, D, initial_state, config, segment_ids, interpret=interpret)
   b, t, h, p, n = k["b"], k["t"], k["h"], k["p"], k["n"]
   has_init = initial_state is not None
   if has_init:  # Sᵀ [b, h, n, p] split exactly into three bf16 pieces
@@ -505,7 +511,8 @@ def forward(x, dt, A, B, C, D, initial_state, config: Config, interpret: bool,
   kernel = platform.shared_kernel(_build_kernel, b=b, t=k["tp"], h=h, p=p, g=k["g"], n=n,
                                   dtype=jnp.dtype(x.dtype), has_init=has_init, config=config,
                                   interpret=interpret, emit_states=emit_states)
-  y, fin_t, *states = kernel(k["x"], k["bt"], k["C"], k["lam_t"], k["dt_t"], k["d"], init)
+  bt = time_minor(k["B"], interpret=interpret)                  # [b, g, n, t]
+  y, fin_t, *states = kernel(k["x"], bt, k["C"], k["lam_t"], k["dt_t"], k["d"], init)
   y = y[:, :t] if k["tp"] != t else y
   fin = jnp.transpose(fin_t, (0, 1, 3, 2))
   return (y, fin, states[0]) if emit_states else (y, fin)

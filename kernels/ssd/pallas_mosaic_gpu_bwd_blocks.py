@@ -56,7 +56,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from nemojax.kernels import platform
+from nemojax.kernels import layout, platform
 from nemojax.kernels.ssd import pallas_mosaic_gpu as fwd
 
 f32 = jnp.float32
@@ -266,8 +266,8 @@ def _state_cotangents(k, dy, dfin, config, interpret):
                                   dtype=jnp.dtype(dy.dtype), has_init=has_init, config=config,
                                   interpret=interpret, emit_states=True, reverse=True)
   # Roles: x → dY, queries C → B, sources Bᵀ → Cᵀ; same Λ, dt, D.
-  dx, ds0_t, ds_out = kernel(dy, jnp.transpose(k["C"], (0, 2, 3, 1)), k["B"], k["lam_t"],
-                             k["dt_t"], k["d"], init)
+  ct = fwd.time_minor(k["C"], interpret=interpret)
+  dx, ds0_t, ds_out = kernel(dy, ct, k["B"], k["lam_t"], k["dt_t"], k["d"], init)
   return dx, ds_out, jnp.transpose(ds0_t, (0, 1, 3, 2))
 
 
@@ -279,7 +279,7 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, cotangents, 
   forward's (documents enter only through the penalised a, see `fwd.prepare`).
   """
   dy, dfin = cotangents
-  k = fwd.prepare(x, dt, A, B, C, D, initial_state, config, segment_ids)
+  k = fwd.prepare(x, dt, A, B, C, D, initial_state, config, segment_ids, interpret=interpret)
   b, t, tp, h, p, g, n = (k[key] for key in ("b", "t", "tp", "h", "p", "g", "n"))
   T = config.block_t
   nc = tp // T
@@ -302,12 +302,12 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, cotangents, 
   da = jnp.flip(jnp.cumsum(jnp.flip(dlam, -1), -1), -1).reshape(b, h, tp)
   dt_t = k["dt_t"]
   xdu = jnp.where(dt_t > 0, q2.reshape(b, h, tp) / jnp.where(dt_t > 0, dt_t, 1.0), 0.0)
-  ddt = (A.astype(f32)[None, :, None] * da + xdu)[:, :, :t]
+  ddt = layout.swap_minor(A.astype(f32)[None, :, None] * da + xdu, interpret=interpret)[:, :t]
   dA = jnp.sum(da * dt_t, axis=(0, 2))
   dD = None if D is None else jnp.sum(v5, axis=(0, 2, 3)).astype(D.dtype)
   if initial_state is not None:
     ds_init = ds_init.astype(initial_state.dtype)
   else:
     ds_init = None
-  return (dx[:, :t].astype(x.dtype), jnp.transpose(ddt, (0, 2, 1)).astype(dt.dtype),
+  return (dx[:, :t].astype(x.dtype), ddt.astype(dt.dtype),
           dA.astype(A.dtype), dB[:, :t].astype(B.dtype), dC[:, :t].astype(C.dtype), dD, ds_init)
