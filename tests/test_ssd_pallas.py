@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import mesh as mesh_lib  # AbstractDevice: see lower_for_cuda
 
 from nemojax import testing as T
 from nemojax.kernels import layout, platform
@@ -51,6 +52,23 @@ def check_against_references(args, y, s, chunk):
   close(s, s_naive, "state vs naive")
   close(y, y_chunk, "y vs chunked")
   close(s, s_chunk, "state vs chunked")
+
+
+def lower_for_cuda(fn, *args) -> str:
+  """StableHLO text of `fn` lowered for CUDA on this (GPU-less) machine.
+
+  The wrappers' Triton transposes (`nemojax/kernels/layout.py`) ask the device for its compute
+  capability while lowering; JAX 0.12 takes it from an abstract device when there is no GPU
+  (jax._src API: JAX 0.10 and 0.11 lower without it and may not accept the argument).
+  """
+  lower = lambda: jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  try:
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
+  except (AttributeError, TypeError):
+    return lower()
+  with jax.sharding.use_abstract_mesh(mesh):
+    return lower()
 
 
 def test_head_dim_80_batch_state_odd_length():
@@ -182,7 +200,7 @@ def test_forward_lowers_for_cuda(p, config):
           S((b, t, g, N), bf16), S((h,), f32), S((b, h, p, N), f32))
   for emit in (False, True):
     fn = functools.partial(fwd.forward, config=config, interpret=False, emit_states=emit)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(fn, *args)
     assert "mosaic_gpu" in text
 
 
@@ -209,8 +227,7 @@ def test_no_xla_transpose_of_activations():
   def loss(*a):
     y, s = pmg.ssd(*a, chunk_size=128)
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
-  text = jax.jit(jax.grad(loss, range(7))).trace(*args).lower(
-      lowering_platforms=("cuda",)).as_text()
+  text = lower_for_cuda(jax.grad(loss, range(7)), *args)
   transposes = [ln for ln in text.splitlines() if "stablehlo.transpose" in ln]
   assert transposes  # the state transposes, so the check below looks at real lines
   for ln in transposes:
