@@ -49,6 +49,13 @@ def _key(tokens: Sequence[int]) -> bytes:
 class PrefixCache:
   """Snapshots keyed by token prefix, under a byte budget (least recently used evicted first).
 
+  Snapshots a caller asked for (`put(..., requested=True)`: the Sampler's `save_at`, such as
+  where a chat's next turn diverges) outrank the automatic ones (chunk multiples, prompt ends):
+  the automatic ones are evicted first, and an automatic snapshot is not saved if it would
+  displace a requested one. Without that, at Nano-9B widths and a 16k-token chat history (~0.7 GB
+  per snapshot, 1 GiB budget) the prompt end that a chat never reuses evicted the one state the
+  next turn resumes from (H200, 2026-12-02: `cached_prompt_tokens` 0).
+
   Args:
     max_bytes: the budget (0 keeps nothing).
     every: also save at every multiple of this many prompt tokens (None: the Sampler's prefill
@@ -65,6 +72,7 @@ class PrefixCache:
     self.max_bytes = int(max_bytes)
     self.every = None if every is None else int(every)
     self._entries: collections.OrderedDict[bytes, Snapshot] = collections.OrderedDict()
+    self._requested: set[bytes] = set()  # keys saved with requested=True
     self._lengths: collections.Counter = collections.Counter()
     self.nbytes = 0
     self.hits = 0  # prompt tokens served from saved states (all calls)
@@ -78,6 +86,7 @@ class PrefixCache:
   def clear(self) -> None:
     """Drops every snapshot."""
     self._entries.clear()
+    self._requested.clear()
     self._lengths.clear()
     self.nbytes = 0
 
@@ -96,21 +105,50 @@ class PrefixCache:
   def fits(self, nbytes: int) -> bool:
     return nbytes <= self.max_bytes
 
-  def put(self, tokens: Sequence[int], snap: Snapshot) -> None:
-    """Saves `snap` as the state after `tokens`, evicting the least recently used over budget."""
-    if not self.fits(snap.nbytes):
-      return
+  def victims(self, nbytes: int, requested: bool = False) -> list[bytes] | None:
+    """Keys a new snapshot of `nbytes` would evict (automatic ones first, least recently used
+    first; requested ones only for a requested snapshot), or None if it would not be saved."""
+    if not self.fits(nbytes):
+      return None
+    need = self.nbytes + nbytes - self.max_bytes
+    order = [k for k in self._entries if k not in self._requested]
+    if requested:
+      order += [k for k in self._entries if k in self._requested]
+    out = []
+    for key in order:
+      if need <= 0:
+        break
+      out.append(key)
+      need -= self._entries[key].nbytes
+    return out if need <= 0 else None
+
+  def mark_requested(self, tokens: Sequence[int]) -> None:
+    """Ranks the saved snapshot of `tokens` (if any) as requested."""
+    key = _key(tokens)
+    if key in self._entries:
+      self._requested.add(key)
+
+  def put(self, tokens: Sequence[int], snap: Snapshot, *, requested: bool = False) -> None:
+    """Saves `snap` as the state after `tokens`, evicting over budget as `victims` says."""
     key = _key(tokens)
     if key in self._entries:
       self._entries.move_to_end(key)
+      if requested:
+        self._requested.add(key)
       return
-    while self._entries and self.nbytes + snap.nbytes > self.max_bytes:
-      self._drop(next(iter(self._entries)))
+    drop = self.victims(snap.nbytes, requested)
+    if drop is None:
+      return
+    for old in drop:
+      self._drop(old)
     self._entries[key] = snap
+    if requested:
+      self._requested.add(key)
     self._lengths[snap.length] += 1
     self.nbytes += snap.nbytes
 
   def _drop(self, key: bytes) -> None:
+    self._requested.discard(key)
     snap = self._entries.pop(key)
     self._lengths[snap.length] -= 1
     if not self._lengths[snap.length]:

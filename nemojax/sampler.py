@@ -85,6 +85,7 @@ class Request:
   prefill_len: int = 0  # cache positions during prefill (0: cache_len)
   resume: list = dataclasses.field(default_factory=list)  # per row: Snapshot or None
   saves: list = dataclasses.field(default_factory=list)  # per row: token counts to save at
+  asked: list = dataclasses.field(default_factory=list)  # per row: those the caller asked for
 
   @property
   def batch_size(self) -> int:
@@ -237,7 +238,7 @@ class Sampler:
     for i, p in enumerate(prompts):
       ids[i, width - len(p):] = np.asarray(p, np.int32)
       start[i] = width - len(p)
-    resume, saves = [None] * b, [[] for _ in range(b)]
+    resume, saves, asked = [None] * b, [[] for _ in range(b)], [set() for _ in range(b)]
     remaining = max(len(p) - 1 for p in prompts)
     if self.prefix_cache is not None:
       every = self.prefix_cache.every or self.prefill_chunk
@@ -245,14 +246,15 @@ class Sampler:
         end = len(p) - 1
         resume[i] = self.prefix_cache.lookup(p, end) if end > 0 else None
         have = resume[i].length if resume[i] is not None else 0
-        extra = [int(x) for x in (save_at[i] if save_at is not None else ())]
-        saves[i] = sorted(n for n in {*range(every, end, every), end, *extra} if have < n <= end)
+        asked[i] = {int(x) for x in (save_at[i] if save_at is not None else ())}
+        saves[i] = sorted(n for n in {*range(every, end, every), end, *asked[i]}
+                          if have < n <= end)
       remaining = max(len(p) - 1 - (r.length if r else 0) for p, r in zip(prompts, resume))
     first = bucket - self.prefill_bucket(remaining + 1) if remaining > 0 else bucket
     prefill_len = self.cache_size or engine.cache_ladder(bucket)
     return Request(ids=ids, start=start, bucket=bucket, cache_len=cache_len,
                    max_new_tokens=int(max_new_tokens), first=first, prefill_len=prefill_len,
-                   resume=resume, saves=saves)
+                   resume=resume, saves=saves, asked=asked)
 
   def prefill(self, req: Request):
     """The cache after every prompt column but the last: chunk by chunk from `req.first`, rows
@@ -287,9 +289,14 @@ class Sampler:
         continue
       tokens = req.ids[row, start:start + what]
       store = self.prefix_cache
-      if tokens in store or not store.fits(prefix_cache.snapshot_bytes(cache, what)):
+      asked = bool(req.asked) and what in req.asked[row]
+      if tokens in store:
+        if asked:
+          store.mark_requested(tokens)
         continue
-      store.put(tokens, prefix_cache.take(cache, row, start, what))
+      if store.victims(prefix_cache.snapshot_bytes(cache, what), asked) is None:
+        continue  # too large, or would displace a snapshot a caller asked for
+      store.put(tokens, prefix_cache.take(cache, row, start, what), requested=asked)
     return cache
 
   # ----------------------------------------------------------------------------------------------

@@ -89,3 +89,26 @@ def test_bad_arguments(model):
   s = Sampler(model, prefix_cache=True)
   with pytest.raises(ValueError, match="save_at"):
     s([[1, 2, 3]], max_new_tokens=1, save_at=[1])
+
+
+def test_asked_for_states_outrank_automatic_ones(model):
+  # A budget of one snapshot: a chat-like call asks for the state after 23 tokens of a 31-token
+  # prompt. The automatic saves (after 8, 16 and the prompt's end, 30) must not evict it, so the
+  # next prompt sharing those 23 tokens resumes there (before, the prompt end evicted it: the
+  # 9B-shape chat on the H200 reused 0 of 16,875 history tokens).
+  rng = np.random.default_rng(5)
+  prompt = rng.integers(0, 256, 31).tolist()
+  probe = Sampler(model, prefill_chunk=16, min_bucket=8, prefix_cache=PrefixCache(every=8))
+  probe([prompt], max_new_tokens=1)
+  one = probe.prefix_cache.lookup(prompt, 30).nbytes  # the ladder makes every snapshot this size
+  store = PrefixCache(one, every=8)
+  s = Sampler(model, prefill_chunk=16, min_bucket=8, prefix_cache=store)
+  s([prompt], max_new_tokens=1, save_at=[[23]])
+  assert len(store) == 1 and store.lookup(prompt, 30).length == 23
+  nxt = prompt[:23] + rng.integers(0, 256, 9).tolist()
+  got = s([nxt], max_new_tokens=5)[0]
+  assert got.cached_prompt_tokens == 23
+  plain = Sampler(model, prefill_chunk=16, min_bucket=8)
+  assert got.tokens == plain([nxt], max_new_tokens=5)[0].tokens
+  # An automatic snapshot never displaces it; another asked-for one does (least recently used).
+  assert store.victims(one) is None and store.victims(one, requested=True) is not None
