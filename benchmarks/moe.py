@@ -15,7 +15,9 @@ Parts (comma-separated `--parts`):
   decode   the whole model (random bf16 weights, `nemojax.testing.random_model`, ~63 GB) through
            the engine's decode loop at batch 1 and 64 (context 1024): ms/step, tok/s, roofline
            from the bytes a step reads (non-expert weights, the experts the batch touches, the
-           recurrent state read and written, the KV cache).
+           recurrent state read and written, the KV cache). The touched experts are counted, not
+           assumed: the routers' picks on one eager step after the timed ones (random weights
+           route far from uniformly; the uniform expectation is kept as `roofline_uniform_ms`).
   prefill  an 8k prompt through `Sampler` (TTFT), roofline from FLOPs (2·active parameters per
            token + causal attention).
   long     a 131072-token prompt, prefill in chunks of 8192 (TTFT; skipped by default).
@@ -246,7 +248,7 @@ def part_ffn(args, kernels: bool):
         got = jax.block_until_ready(jf(x, ids, w, up, down))
         compile_s = time.perf_counter() - t
         err = rel(got[sl], want)
-        ms = time_fn(jf, x, ids, w, up, down, reps=3 if args.smoke else 7)
+        ms = time_fn(jf, x, ids, w, up, down, reps=1 if args.smoke else 7)
         out = dict(ms=ms, efficiency=roof / ms, err=err, ok=err <= T.tolerance("bfloat16",
                                                                               "kernel"),
                    compile_s=compile_s)
@@ -263,7 +265,7 @@ def part_ffn(args, kernels: bool):
                        f"{roof:.3f} ms", f"{r['efficiency_in_graph']:.0%}"))
     if kernels:
       guarded(row, "pallas_breakdown", args, lambda: kernel_breakdown(
-          x, ids, w, up, down, interpret=interpret, reps=3 if args.smoke else 7))
+          x, ids, w, up, down, interpret=interpret, reps=1 if args.smoke else 7))
     save(args)
 
 
@@ -276,13 +278,40 @@ def moe_layers(cfg):
   return sum(t == nemojax.LayerType.MOE for t in cfg.layer_types)
 
 
-def decode_roofline_ms(model, cfg, b, ctx):
-  """Bytes one step reads: weights but the input embedding and unused experts, state r/w, KV."""
-  n_moe = moe_layers(cfg)
+def uniform_touched(cfg, b):
+  """Expected distinct experts per layer if each row's k experts were uniform at random."""
   e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  return e * (1 - (1 - k / e) ** b)
+
+
+def routed_experts(model, state) -> list[int]:
+  """Distinct routed experts each MoE layer picks for the rows' next step (one eager step from
+  the loop state, routers recorded; nothing kept). Random weights route far from uniformly, so
+  the decode roofline counts these rather than `uniform_touched`."""
+  picked = []
+  route = moe_lib.Router.__call__
+
+  def recording(self, x):
+    weights, ids = route(self, x)
+    picked.append(len(np.unique(np.asarray(ids))))
+    return weights, ids
+
+  moe_lib.Router.__call__ = recording
+  try:
+    with jax.disable_jit():
+      model(state.last[:, None], cache=state.cache)
+  finally:
+    moe_lib.Router.__call__ = route
+  return picked
+
+
+def decode_roofline_ms(model, cfg, b, ctx, touched):
+  """Bytes one step reads: weights but the input embedding and unused experts, state r/w, KV.
+  `touched`: distinct experts per MoE layer (mean over layers)."""
+  n_moe = moe_layers(cfg)
+  e = cfg.n_routed_experts
   weights = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size)
   weights -= n_moe * e * expert_bytes(cfg)
-  touched = e * (1 - (1 - k / e) ** b)  # expected distinct experts per layer
   weights += n_moe * touched * expert_bytes(cfg)
   cache = jax.eval_shape(lambda: model.init_cache(b, ctx))
   kv = recurrent = 0
@@ -332,13 +361,20 @@ def part_decode(model, cfg, args, impls):
                                       mode)
         jax.block_until_ready(state.tokens)
         per = (time.perf_counter() - t) / steps
-        roof = decode_roofline_ms(model, cfg, b, ctx)
+        picked = routed_experts(model, state)
+        touched = float(np.mean(picked))
+        roof = decode_roofline_ms(model, cfg, b, ctx, touched)
         return dict(ms_per_step=1e3 * per, tok_per_s=b / per, roofline_ms=roof,
                     efficiency=roof / (1e3 * per), compile_s=first,
+                    experts_per_layer=picked, uniform_experts=uniform_touched(cfg, b),
+                    roofline_uniform_ms=decode_roofline_ms(model, cfg, b, ctx,
+                                                           uniform_touched(cfg, b)),
                     finite=bool(np.isfinite(np.asarray(state.tokens)).all()))
       r = guarded(res, f"{impl}_b{b}_ctx{ctx}", args, measure)
       if r:
-        ROWS.append((f"decode b={b} ctx={ctx} ({impl})", f"{r['ms_per_step']:.2f} ms",
+        experts = np.mean(r["experts_per_layer"])
+        ROWS.append((f"decode b={b} ctx={ctx} ({impl}, {experts:.1f} experts/layer)",
+                     f"{r['ms_per_step']:.2f} ms",
                      f"{r['tok_per_s']:,.0f} tok/s", f"{r['roofline_ms']:.2f} ms",
                      f"{r['efficiency']:.0%}"))
     save(args)

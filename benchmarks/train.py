@@ -61,8 +61,9 @@ SLICE_PATTERN = "M-M-M-MM-M-M-M*"
 # `--estimate` compiles on the CPU with XLA's optimization-barrier expander off: the CPU pipeline
 # otherwise drops jax.checkpoint's barriers before CSE, which merges each block's recomputation
 # back into the forward pass and undoes rematerialisation (the GPU pipeline drops them only after
-# scheduling, so remat holds there).
-REMAT_XLA_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+# scheduling, so remat holds there). Nothing compiled there runs, so LLVM does not optimise the
+# machine code (buffer assignment is the same; ~30% less compile time on the CPU, 2026-12-02).
+REMAT_XLA_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander --xla_backend_optimization_level=0"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,7 @@ def cuda_gpu_available() -> bool:
 
 _DISABLED: dict[str, str] = {}  # kernel -> why it cannot be used here
 _TRACED: set[tuple] = set()  # (kernel, signature) that traced
+_REFUSED: dict[tuple, str] = {}  # (kernel, signature) -> why, for shape-dependent kernels
 
 
 def disable(name: str, error: BaseException) -> None:
@@ -78,6 +79,7 @@ def reset_fallbacks() -> None:
   """Forgets every `disable` and `traces` result (tests; a process that changed its JAX setup)."""
   _DISABLED.clear()
   _TRACED.clear()
+  _REFUSED.clear()
 
 
 def kernel_module(name: str):
@@ -95,22 +97,33 @@ def kernel_module(name: str):
     return None
 
 
-def traces(name: str, fn, *args) -> bool:
+def traces(name: str, fn, *args, per_shape: bool = False) -> bool:
   """Whether `fn(*args)` traces on this JAX; if not, kernel `name` is disabled (one warning).
 
   `args` are `jax.ShapeDtypeStruct`s: `jax.eval_shape` traces the kernel body without compiling
   or running it and needs no GPU, so a Pallas API that moved is caught here, outside the model.
   Checked once per (name, argument shapes and dtypes).
+
+  `per_shape`: for a library whose limits depend on the shapes (cuDNN's flash attention refuses
+  some head dims and lengths), a failure refuses only these shapes (one warning for them) and
+  other shapes are still tried.
   """
   key = (name, tuple((a.shape, jnp.dtype(a.dtype).name) for a in args))
-  if disabled(name):
+  if disabled(name) or key in _REFUSED:
     return False
   if key in _TRACED:
     return True
   try:
     jax.eval_shape(fn, *args)
   except Exception as e:  # noqa: BLE001  (any failure means "no kernel here", said once)
-    disable(name, e)
+    if not per_shape:
+      disable(name, e)
+      return False
+    _REFUSED[key] = f"{type(e).__name__}: {e}"
+    shapes = ", ".join(f"{a.shape} {jnp.dtype(a.dtype).name}" for a in args)
+    warnings.warn(f"nemojax: {name} does not take {shapes} with jax {jax.__version__} "
+                  f"({_REFUSED[key]:.300}); using the XLA implementation for these shapes",
+                  RuntimeWarning, stacklevel=3)
     return False
   _TRACED.add(key)
   return True

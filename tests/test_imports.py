@@ -154,3 +154,27 @@ def test_private_jax_apis_only_in_platform():
   for line in uses.get("kernels/platform.py", []):
     module = line.split("from ")[-1].split(" import")[0]
     assert module in doc, f"{module} is used but not listed in kernels/platform.py's docstring"
+
+
+def test_a_library_refusing_one_shape_keeps_the_others():
+  # cuDNN's flash attention refuses some shapes; that must not switch it off for every shape
+  # (per_shape), while a kernel whose API moved is still disabled once for all (the default).
+  platform.reset_fallbacks()
+  S = jax.ShapeDtypeStruct
+
+  def picky(x):
+    if x.shape[-1] == 96:
+      raise ValueError("head dim 96 is not supported")
+    return x
+
+  with pytest.warns(RuntimeWarning, match="lib.picky does not take.*96.*not supported.*XLA"):
+    assert not platform.traces("lib.picky", picky, S((2, 96), BF16), per_shape=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # said once per shape
+    assert not platform.traces("lib.picky", picky, S((2, 96), BF16), per_shape=True)
+    assert platform.traces("lib.picky", picky, S((2, 128), BF16), per_shape=True)
+  assert platform.disabled("lib.picky") is None
+  with pytest.warns(RuntimeWarning, match="lib.strict cannot be built"):
+    assert not platform.traces("lib.strict", picky, S((2, 96), BF16))
+  assert not platform.traces("lib.strict", picky, S((2, 128), BF16))
+  platform.reset_fallbacks()

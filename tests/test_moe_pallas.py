@@ -179,7 +179,13 @@ def test_benchmark_script_smoke(tmp_path):
   res = json.loads((tmp_path / "moe.json").read_text())
   assert res["ffn"]["m4"]["pallas"]["ok"] and res["ffn"]["m4"]["gather"]["ok"]
   # The decode part's kernel path is the model's (test_model_with_kernel_matches_xla).
-  assert res["decode"]["xla_b1_ctx32"]["finite"]
+  decode = res["decode"]["xla_b1_ctx32"]
+  assert decode["finite"]
+  # One row: each MoE layer's router picks exactly top-k distinct experts, which is also the
+  # uniform expectation at batch 1; the roofline then counts them.
+  assert decode["experts_per_layer"] and all(
+      v == pytest.approx(decode["uniform_experts"]) for v in decode["experts_per_layer"])
+  assert decode["roofline_ms"] == pytest.approx(decode["roofline_uniform_ms"])
 
 
 def test_model_with_kernel_matches_xla():

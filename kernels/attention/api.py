@@ -80,7 +80,7 @@ def cudnn_usable(q_shape, kv_shape, dtype) -> bool:
     return False
   S = jax.ShapeDtypeStruct
   return platform.traces(_CUDNN, _cudnn_attention, S(q_shape, dtype), S(kv_shape, dtype),
-                         S(kv_shape, dtype))
+                         S(kv_shape, dtype), per_shape=True)  # cuDNN's limits are per shape
 
 
 def supports(*, head_dim: int, cache_len: int, dtype) -> bool:
