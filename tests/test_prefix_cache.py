@@ -112,3 +112,25 @@ def test_asked_for_states_outrank_automatic_ones(model):
   assert got.tokens == plain([nxt], max_new_tokens=5)[0].tokens
   # An automatic snapshot never displaces it; another asked-for one does (least recently used).
   assert store.victims(one) is None and store.victims(one, requested=True) is not None
+
+
+def test_stops_anywhere_compile_few_prefill_shapes(model, monkeypatch):
+  # Save points off the chunk grid (left padding 21, an asked-for point at 151) split prefill
+  # into pieces; with power-of-four pieces only chunk, 16, 4 and 1 appear here (power-of-two
+  # pieces used 32, 8 and 2 as well: every size a separate program, ~10 s each at 9B widths).
+  from nemojax import engine
+  seen = set()
+  prefill = engine.prefill
+
+  def spy(graph, params, cache, chunk):
+    seen.add(chunk.shape[1])
+    return prefill(graph, params, cache, chunk)
+
+  monkeypatch.setattr(engine, "prefill", spy)
+  prompt = np.random.default_rng(7).integers(0, 256, 300).tolist()
+  s = Sampler(model, prefill_chunk=64, min_bucket=8, prefix_cache=PrefixCache(every=64))
+  got = s([prompt], max_new_tokens=3, save_at=[[151]])[0]
+  assert seen <= {64, 16, 4, 1}, seen
+  monkeypatch.setattr(engine, "prefill", prefill)
+  assert got.tokens == Sampler(model, prefill_chunk=64, min_bucket=8)([prompt],
+                                                                       max_new_tokens=3)[0].tokens
