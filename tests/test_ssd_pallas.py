@@ -57,7 +57,7 @@ def check_against_references(args, y, s, chunk):
 def lower_for_cuda(fn, *args) -> str:
   """StableHLO text of `fn` lowered for CUDA on this (GPU-less) machine.
 
-  The wrappers' Triton transposes (`nemojax/kernels/layout.py`) ask the device for its compute
+  The wrappers' Triton transposes (`kernels/layout.py`) ask the device for its compute
   capability while lowering; JAX 0.12 takes it from an abstract device when there is no GPU
   (jax._src API: JAX 0.10 and 0.11 lower without it and may not accept the argument).
   """
@@ -217,7 +217,7 @@ def test_swap_minor_is_an_exact_transpose(b, m, k):
 def test_no_xla_transpose_of_activations():
   # Neither the forward nor the backward wrapper leaves XLA a transpose of a [b, t, ...]
   # activation (t = 300 → 384 padded): XLA would answer it by storing the whole in_proj output
-  # time-minor (nemojax/kernels/layout.py). Only state-sized [b, h, n, p] transposes remain.
+  # time-minor (kernels/layout.py). Only state-sized [b, h, n, p] transposes remain.
   b, t, h, g, p = 2, 300, 4, 2, 80
   S = jax.ShapeDtypeStruct
   args = (S((b, t, h, p), jnp.bfloat16), S((b, t, h), jnp.float32), S((h,), jnp.float32),

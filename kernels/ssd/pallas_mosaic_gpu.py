@@ -27,7 +27,7 @@ ahead. The wrapper (plain XLA, ~5 KB per token of extra traffic against ~46 KB t
 pads the sequence to whole blocks with dt = 0 steps (no decay, no input: the final state stays
 exact), computes the block-local cumsum Λ and transposes dt, Λ and B so that they arrive as rows
 (dt and B through `layout.swap_minor`, a kernel: an XLA transpose there would make XLA store the
-model's whole in_proj output time-minor, see `nemojax/kernels/layout.py`).
+model's whole in_proj output time-minor, see `kernels/layout.py`).
 
 Interpret mode (`interpret=True`, CPU tests) runs the same kernel body on Mosaic GPU's interpreter
 (TMA copies, barriers, warpgroups, pipelining). The interpreter of jax 0.10 cannot take register
