@@ -48,9 +48,7 @@ print("RESULT " + json.dumps(out))
 def _analysis():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                        + " --xla_disable_hlo_passes=cse_barrier_expander"
-                        # compiled, never run: no LLVM optimisation (same buffers, ~30% faster)
-                        + " --xla_backend_optimization_level=0").strip())
+                        + " --xla_disable_hlo_passes=cse_barrier_expander").strip())
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
