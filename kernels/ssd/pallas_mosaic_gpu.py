@@ -453,7 +453,7 @@ def split3(s32):
 
 
 def prepare(x, dt, A, B, C, D, initial_state, config: Config, segment_ids=None, *,
-            interpret: bool = False):
+            interpret: bool):
   """Checks, padding to whole blocks and the layouts both kernels read.
 
   Returns a dict: shapes (b, t, tp, h, p, g, n), x, B, C padded (bf16), dt and the block-local
